@@ -1,0 +1,332 @@
+//! Validation and conversion of Kubernetes objects into the model's own types.
+//!
+//! Implements §3.2 (Service interpretation) and §3.3 (EndpointSlice interpretation) of the
+//! behaviour reference. A hostile or malformed object never panics: it is either skipped whole
+//! (`Err(Skipped)`) or, where upstream drops only the bad entry (an invalid external IP, an
+//! endpoint with an invalid address), kept without that entry and the drop reported alongside.
+
+use crate::input::ObjectKey;
+use crate::names::{IpFamily, Protocol, ServiceName};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+/// Label that hands a Service to another proxy (KEP-2447): ignored whatever its value.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label marking headless Services' slices.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label naming the Service an EndpointSlice belongs to.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Annotation carrying the time of the change that triggered a slice update.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Upstream's API limits: more than this is hostile input, not a real slice.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+pub const MAX_SLICE_PORTS: usize = 100;
+/// Session-affinity timeout bounds (API default and maximum).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+/// An object (or part of one) that was not used, and why. The caller logs it once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// `Service`, `EndpointSlice` or `Node`.
+    pub kind: &'static str,
+    pub object: ObjectKey,
+    /// True when the whole object was skipped; false when only one entry of it was.
+    pub whole: bool,
+    pub reason: String,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.whole { "Skipping" } else { "Ignoring part of" };
+        write!(f, "{what} {} {}: {}", self.kind, self.object, self.reason)
+    }
+}
+
+/// One port of a Service as the model uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedPort {
+    /// Port name, `""` when unnamed.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// `None` for `nodePort: 0` or absent.
+    pub node_port: Option<u16>,
+}
+
+/// A Service after validation: everything the model reads from it, both families.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedService {
+    pub name: ServiceName,
+    /// At most one ClusterIP per family, from `spec.clusterIPs` (or `spec.clusterIP`).
+    pub cluster_ips: BTreeMap<IpFamily, IpAddr>,
+    pub ports: Vec<ParsedPort>,
+    pub external_ips: Vec<IpAddr>,
+    /// Load-balancer ingress IPs with `ipMode` unset or `VIP`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub source_ranges: Vec<IpNet>,
+    /// ClientIP affinity timeout in seconds; `None` when affinity is off.
+    pub affinity_timeout: Option<u32>,
+    /// `externalTrafficPolicy: Local`, honoured only where upstream honours it (§3.2).
+    pub external_policy_local: bool,
+    pub internal_policy_local: bool,
+    /// Only for `LoadBalancer` with ETP=Local and a non-zero port.
+    pub health_check_node_port: Option<u16>,
+}
+
+/// An endpoint of one slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub ip: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: BTreeSet<String>,
+    pub node_hints: BTreeSet<String>,
+}
+
+/// A slice port: name (`""` unnamed), protocol, port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An EndpointSlice after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedSlice {
+    pub key: ObjectKey,
+    pub service: ServiceName,
+    pub family: IpFamily,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+    /// The `last-change-trigger-time` annotation, verbatim (RFC 3339).
+    pub trigger_time: Option<String>,
+}
+
+/// Whether a labelled object belongs to another proxy or to a headless Service (§3.1): such
+/// objects are treated as absent.
+pub fn is_filtered(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+}
+
+/// Parses a Service. `Ok(None)` means "not ours": filtered by label, headless, ExternalName or
+/// without a ClusterIP; `Err` means invalid. Partial drops are appended to `notes`.
+pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<ParsedService>, Skipped> {
+    let key = ObjectKey::of(&svc.metadata);
+    let skip = |reason: String| Skipped { kind: "Service", object: key.clone(), whole: true, reason };
+    if key.name.is_empty() || key.namespace.is_empty() {
+        return Err(skip("metadata.name and metadata.namespace are required".into()));
+    }
+    if is_filtered(svc.metadata.labels.as_ref()) {
+        return Ok(None);
+    }
+    let Some(spec) = svc.spec.as_ref() else { return Ok(None) };
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return Ok(None);
+    }
+    let primary = spec.cluster_ip.as_deref().unwrap_or("");
+    let listed: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => vec![primary],
+    };
+    if listed.first().is_none_or(|ip| ip.is_empty() || *ip == "None") {
+        return Ok(None);
+    }
+    let mut cluster_ips = BTreeMap::new();
+    for raw in &listed {
+        let ip = parse_ip(raw).ok_or_else(|| skip(format!("invalid clusterIP {raw:?}")))?;
+        cluster_ips.entry(IpFamily::of(&ip)).or_insert(ip);
+    }
+
+    let mut ports = Vec::new();
+    let mut seen = BTreeSet::new();
+    for p in spec.ports.as_deref().unwrap_or_default() {
+        let name = p.name.clone().unwrap_or_default();
+        let protocol = Protocol::from_k8s(p.protocol.as_deref())
+            .ok_or_else(|| skip(format!("port {name:?}: unknown protocol {:?}", p.protocol.as_deref().unwrap_or(""))))?;
+        let port = valid_port(p.port).ok_or_else(|| skip(format!("port {name:?}: invalid port {}", p.port)))?;
+        let node_port = match p.node_port.unwrap_or(0) {
+            0 => None,
+            n => Some(valid_port(n).ok_or_else(|| skip(format!("port {name:?}: invalid nodePort {n}")))?),
+        };
+        if !seen.insert((name.clone(), protocol)) {
+            return Err(skip(format!("duplicate port name {name:?} for protocol {protocol}")));
+        }
+        ports.push(ParsedPort { name, protocol, port, node_port });
+    }
+
+    let mut partial = |reason: String| {
+        notes.push(Skipped { kind: "Service", object: key.clone(), whole: false, reason });
+    };
+    let mut external_ips = Vec::new();
+    for raw in spec.external_ips.as_deref().unwrap_or_default() {
+        match parse_ip(raw) {
+            Some(ip) => external_ips.push(ip),
+            None => partial(format!("invalid externalIP {raw:?}")),
+        }
+    }
+    let mut load_balancer_ips = Vec::new();
+    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_deref());
+    for ing in ingress.unwrap_or_default() {
+        if !matches!(ing.ip_mode.as_deref(), None | Some("VIP")) {
+            continue;
+        }
+        let Some(raw) = ing.ip.as_deref().filter(|s| !s.is_empty()) else { continue };
+        match parse_ip(raw) {
+            Some(ip) => load_balancer_ips.push(ip),
+            None => partial(format!("invalid load-balancer ingress IP {raw:?}")),
+        }
+    }
+    // An invalid source range skips the whole Service: dropping just the range could open a
+    // firewalled load balancer to the world (fail closed).
+    let mut source_ranges = Vec::new();
+    for raw in spec.load_balancer_source_ranges.as_deref().unwrap_or_default() {
+        let trimmed = raw.trim();
+        let net: IpNet = trimmed
+            .parse()
+            .map_err(|_| skip(format!("invalid loadBalancerSourceRanges entry {raw:?}")))?;
+        source_ranges.push(net.trunc());
+    }
+
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT),
+                Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT => Some(t as u32),
+                Some(t) => return Err(skip(format!("sessionAffinityConfig.clientIP.timeoutSeconds {t} not in 1..=86400"))),
+            }
+        }
+        None | Some("None") | Some("") => None,
+        Some(other) => return Err(skip(format!("unknown sessionAffinity {other:?}"))),
+    };
+
+    let externally_typed = matches!(svc_type, "LoadBalancer" | "NodePort") || !external_ips.is_empty();
+    let external_policy_local = externally_typed && spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = if svc_type == "LoadBalancer" && external_policy_local {
+        match spec.health_check_node_port.unwrap_or(0) {
+            0 => {
+                partial("LoadBalancer with externalTrafficPolicy=Local has no healthCheckNodePort".into());
+                None
+            }
+            n => match valid_port(n) {
+                Some(p) => Some(p),
+                None => return Err(skip(format!("invalid healthCheckNodePort {n}"))),
+            },
+        }
+    } else {
+        None
+    };
+
+    Ok(Some(ParsedService {
+        name: ServiceName::new(key.namespace.clone(), key.name.clone()),
+        cluster_ips,
+        ports,
+        external_ips,
+        load_balancer_ips,
+        source_ranges,
+        affinity_timeout,
+        external_policy_local,
+        internal_policy_local,
+        health_check_node_port,
+    }))
+}
+
+/// Parses an EndpointSlice. `Ok(None)` means "not ours": filtered by label, no owning Service
+/// label, or an FQDN slice. Endpoints with an invalid address are dropped and noted.
+pub fn parse_slice(slice: &EndpointSlice, notes: &mut Vec<Skipped>) -> Result<Option<ParsedSlice>, Skipped> {
+    let key = ObjectKey::of(&slice.metadata);
+    let skip = |reason: String| Skipped { kind: "EndpointSlice", object: key.clone(), whole: true, reason };
+    if key.name.is_empty() || key.namespace.is_empty() {
+        return Err(skip("metadata.name and metadata.namespace are required".into()));
+    }
+    let labels = slice.metadata.labels.as_ref();
+    if is_filtered(labels) {
+        return Ok(None);
+    }
+    let Some(service) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let family = match slice.address_type.as_str() {
+        "IPv4" => IpFamily::V4,
+        "IPv6" => IpFamily::V6,
+        "FQDN" => return Ok(None),
+        other => return Err(skip(format!("unknown addressType {other:?}"))),
+    };
+    if slice.endpoints.len() > MAX_SLICE_ENDPOINTS {
+        return Err(skip(format!("{} endpoints exceed the API limit of {MAX_SLICE_ENDPOINTS}", slice.endpoints.len())));
+    }
+    let raw_ports = slice.ports.as_deref().unwrap_or_default();
+    if raw_ports.len() > MAX_SLICE_PORTS {
+        return Err(skip(format!("{} ports exceed the API limit of {MAX_SLICE_PORTS}", raw_ports.len())));
+    }
+    let mut ports = Vec::new();
+    for p in raw_ports {
+        // Upstream ignores ports without a name or number (the controller always sets both).
+        let (Some(name), Some(number)) = (p.name.as_ref(), p.port) else { continue };
+        if number == 0 {
+            continue;
+        }
+        let protocol = Protocol::from_k8s(p.protocol.as_deref())
+            .ok_or_else(|| skip(format!("port {name:?}: unknown protocol {:?}", p.protocol.as_deref().unwrap_or(""))))?;
+        let port = valid_port(number).ok_or_else(|| skip(format!("port {name:?}: invalid port {number}")))?;
+        if ports.iter().any(|q: &SlicePort| q.name == *name && q.protocol == protocol) {
+            return Err(skip(format!("duplicate port name {name:?} for protocol {protocol}")));
+        }
+        ports.push(SlicePort { name: name.clone(), protocol, port });
+    }
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    for ep in &slice.endpoints {
+        let Some(raw) = ep.addresses.first() else { continue };
+        let Some(ip) = parse_ip(raw) else {
+            notes.push(Skipped { kind: "EndpointSlice", object: key.clone(), whole: false, reason: format!("invalid endpoint address {raw:?}") });
+            continue;
+        };
+        if IpFamily::of(&ip) != family {
+            continue;
+        }
+        let cond = ep.conditions.as_ref();
+        let hints = ep.hints.as_ref();
+        endpoints.push(SliceEndpoint {
+            ip,
+            ready: cond.and_then(|c| c.ready).unwrap_or(true),
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
+            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: ep.node_name.clone().filter(|n| !n.is_empty()),
+            zone_hints: hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect(),
+            node_hints: hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect(),
+        });
+    }
+    let trigger_time = slice.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TRIGGER_TIME)).cloned();
+    Ok(Some(ParsedSlice {
+        service: ServiceName::new(key.namespace.clone(), service.clone()),
+        key,
+        family,
+        ports,
+        endpoints,
+        trigger_time,
+    }))
+}
+
+/// Parses an IP the way the API server's validation accepts it: no leading zeros in IPv4 octets
+/// (Rust's parser already refuses them), no zone suffixes.
+pub fn parse_ip(raw: &str) -> Option<IpAddr> {
+    raw.parse().ok()
+}
+
+fn valid_port(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p != 0)
+}
