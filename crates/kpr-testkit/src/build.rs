@@ -281,3 +281,9 @@ impl NodeBuilder {
         self
     }
 }
+
+impl From<NodeBuilder> for Node {
+    fn from(b: NodeBuilder) -> Node {
+        b.0
+    }
+}
