@@ -102,7 +102,9 @@ pub struct ServicePortDesired {
 impl ServicePortDesired {
     /// Has a NodePort, an LB IP or an externalIP (§3.2 *ExternallyAccessible*).
     pub fn externally_accessible(&self) -> bool {
-        self.node_port.is_some() || !self.load_balancer_ips.is_empty() || !self.external_ips.is_empty()
+        self.node_port.is_some()
+            || !self.load_balancer_ips.is_empty()
+            || !self.external_ips.is_empty()
     }
 
     /// Counted in `sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}`.
@@ -139,7 +141,8 @@ impl FamilyDesired {
 pub fn desired(state: &ClusterState, node: &NodeContext, policy: &ProxyPolicy) -> DesiredState {
     let mut out = DesiredState::default();
     for family in IpFamily::ALL {
-        out.families.insert(family, FamilyDesired::empty(family, node, policy));
+        out.families
+            .insert(family, FamilyDesired::empty(family, node, policy));
     }
     for svc in state.services() {
         insert_service(&mut out, state, svc, node);
@@ -149,7 +152,13 @@ pub fn desired(state: &ClusterState, node: &NodeContext, policy: &ProxyPolicy) -
 
 /// Brings `current` up to date with the state: a full rebuild when the plan says so, otherwise
 /// only the changed Services are recomputed.
-pub fn update_desired(current: &mut DesiredState, state: &ClusterState, node: &NodeContext, policy: &ProxyPolicy, plan: &SyncPlan) {
+pub fn update_desired(
+    current: &mut DesiredState,
+    state: &ClusterState,
+    node: &NodeContext,
+    policy: &ProxyPolicy,
+    plan: &SyncPlan,
+) {
     if plan.full || current.families.len() != IpFamily::ALL.len() {
         *current = desired(state, node, policy);
         return;
@@ -166,17 +175,33 @@ pub fn update_desired(current: &mut DesiredState, state: &ClusterState, node: &N
 
 fn remove_service(fam: &mut FamilyDesired, name: &ServiceName) {
     let first = ServicePortName::new(name.clone(), "", Protocol::Tcp);
-    let doomed: Vec<ServicePortName> = fam.ports.range(first..).take_while(|(k, _)| k.service == *name).map(|(k, _)| k.clone()).collect();
+    let doomed: Vec<ServicePortName> = fam
+        .ports
+        .range(first..)
+        .take_while(|(k, _)| k.service == *name)
+        .map(|(k, _)| k.clone())
+        .collect();
     for k in doomed {
         fam.ports.remove(&k);
     }
 }
 
-fn insert_service(out: &mut DesiredState, state: &ClusterState, svc: &ParsedService, node: &NodeContext) {
+fn insert_service(
+    out: &mut DesiredState,
+    state: &ClusterState,
+    svc: &ParsedService,
+    node: &NodeContext,
+) {
     for (family, fam) in out.families.iter_mut() {
-        let Some(cluster_ip) = svc.cluster_ips.get(family).copied() else { continue };
+        let Some(cluster_ip) = svc.cluster_ips.get(family).copied() else {
+            continue;
+        };
         let of_family = |ips: &[IpAddr]| -> Vec<IpAddr> {
-            let mut v: Vec<IpAddr> = ips.iter().filter(|ip| IpFamily::of(ip) == *family).copied().collect();
+            let mut v: Vec<IpAddr> = ips
+                .iter()
+                .filter(|ip| IpFamily::of(ip) == *family)
+                .copied()
+                .collect();
             v.sort();
             v.dedup();
             v
@@ -184,7 +209,10 @@ fn insert_service(out: &mut DesiredState, state: &ClusterState, svc: &ParsedServ
         let external_ips = of_family(&svc.external_ips);
         let load_balancer_ips = of_family(&svc.load_balancer_ips);
         let firewall_allow = firewall(svc, *family, &load_balancer_ips, fam.node_ip);
-        let slices: Vec<&ParsedSlice> = state.slices(&svc.name).filter(|s| s.family == *family).collect();
+        let slices: Vec<&ParsedSlice> = state
+            .slices(&svc.name)
+            .filter(|s| s.family == *family)
+            .collect();
         for port in &svc.ports {
             let name = ServicePortName::new(svc.name.clone(), port.name.clone(), port.protocol);
             let infos = merge_endpoints(&slices, &port.name, port.protocol, &node.name);
@@ -224,7 +252,11 @@ fn decide(sp: &mut ServicePortDesired, infos: &[EndpointInfo], node: &NodeContex
     let cat = categorize(infos, uses, &node.name, node.zone.as_deref());
     let pick = |idx: &[usize]| -> Vec<Endpoint> {
         idx.iter()
-            .map(|i| Endpoint { addr: infos[*i].addr, local: infos[*i].local, ready: infos[*i].ready })
+            .map(|i| Endpoint {
+                addr: infos[*i].addr,
+                local: infos[*i].local,
+                ready: infos[*i].ready,
+            })
             .collect()
     };
     sp.cluster_endpoints = pick(&cat.cluster);
@@ -234,25 +266,38 @@ fn decide(sp: &mut ServicePortDesired, infos: &[EndpointInfo], node: &NodeContex
     sp.internal = if !cat.has_any {
         InternalAction::Reject
     } else if sp.internal_policy_local {
-        if sp.local_endpoints.is_empty() { InternalAction::Drop } else { InternalAction::Local }
+        if sp.local_endpoints.is_empty() {
+            InternalAction::Drop
+        } else {
+            InternalAction::Local
+        }
     } else {
         InternalAction::Cluster
     };
-    sp.external = accessible.then(|| {
-        if !cat.has_any {
-            ExternalAction::Reject
-        } else if sp.external_policy_local {
-            ExternalAction::Local
-        } else {
-            ExternalAction::Cluster
-        }
-    });
+    let external = if !cat.has_any {
+        ExternalAction::Reject
+    } else if sp.external_policy_local {
+        ExternalAction::Local
+    } else {
+        ExternalAction::Cluster
+    };
+    sp.external = accessible.then_some(external);
 }
 
 /// The firewall allow-list for LB IPs (§4.6): active only with an LB IP and a range of this
 /// family; the VIPs are allowed as sources when the node's IP is inside a range.
-fn firewall(svc: &ParsedService, family: IpFamily, lb_ips: &[IpAddr], node_ip: Option<IpAddr>) -> Vec<IpNet> {
-    let mut ranges: Vec<IpNet> = svc.source_ranges.iter().filter(|r| IpFamily::of(&r.addr()) == family).copied().collect();
+fn firewall(
+    svc: &ParsedService,
+    family: IpFamily,
+    lb_ips: &[IpAddr],
+    node_ip: Option<IpAddr>,
+) -> Vec<IpNet> {
+    let mut ranges: Vec<IpNet> = svc
+        .source_ranges
+        .iter()
+        .filter(|r| IpFamily::of(&r.addr()) == family)
+        .copied()
+        .collect();
     if lb_ips.is_empty() || ranges.is_empty() {
         return Vec::new();
     }
@@ -267,10 +312,21 @@ fn firewall(svc: &ParsedService, family: IpFamily, lb_ips: &[IpAddr], node_ip: O
 /// Merges one service port's endpoints from all its slices of one family (§3.3): ports match by
 /// name and protocol; the same ip:port in several slices keeps the non-terminating entry; the
 /// result is sorted by (ip, port).
-fn merge_endpoints(slices: &[&ParsedSlice], port_name: &str, protocol: Protocol, node: &str) -> Vec<EndpointInfo> {
+fn merge_endpoints(
+    slices: &[&ParsedSlice],
+    port_name: &str,
+    protocol: Protocol,
+    node: &str,
+) -> Vec<EndpointInfo> {
     let mut merged: BTreeMap<SocketAddr, EndpointInfo> = BTreeMap::new();
     for slice in slices {
-        let Some(port) = slice.ports.iter().find(|p| p.name == port_name && p.protocol == protocol) else { continue };
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port_name && p.protocol == protocol)
+        else {
+            continue;
+        };
         for ep in &slice.endpoints {
             let info = EndpointInfo {
                 addr: SocketAddr::new(ep.ip, port.port),

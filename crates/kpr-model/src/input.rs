@@ -53,6 +53,9 @@ pub enum Update<T> {
 }
 
 /// Everything that can change the model.
+// Events are moved once, into the sync loop's channel; boxing the large variant would only add an
+// allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Input {
     Services(Update<Service>),

@@ -100,14 +100,19 @@ pub fn intent(fam: &FamilyDesired, host: &HostView, pkt: &Packet) -> Intent {
             if action == ExternalAction::Reject && pkt.from_host {
                 return Intent::Reject;
             }
-            if via_lb && !sp.firewall_allow.is_empty() && !sp.firewall_allow.iter().any(|n| n.contains(&pkt.src)) {
+            if via_lb
+                && !sp.firewall_allow.is_empty()
+                && !sp.firewall_allow.iter().any(|n| n.contains(&pkt.src))
+            {
                 return Intent::Drop;
             }
             match action {
                 ExternalAction::Reject => Intent::Reject,
                 ExternalAction::Cluster => dnat(&sp.cluster_endpoints, true, pkt.src),
                 ExternalAction::Local if pod => dnat(&sp.cluster_endpoints, false, pkt.src),
-                ExternalAction::Local if pkt.from_host => dnat(&sp.cluster_endpoints, true, pkt.src),
+                ExternalAction::Local if pkt.from_host => {
+                    dnat(&sp.cluster_endpoints, true, pkt.src)
+                }
                 ExternalAction::Local if sp.local_endpoints.is_empty() => Intent::Drop,
                 ExternalAction::Local => dnat(&sp.local_endpoints, false, pkt.src),
             }
@@ -140,7 +145,10 @@ fn find<'a>(fam: &'a FamilyDesired, host: &HostView, pkt: &Packet) -> Hit<'a> {
         None => host.local_ips.contains(&pkt.dst) && !pkt.dst.is_loopback(),
     };
     if accepts_node_port {
-        let hit = fam.ports.values().find(|sp| sp.protocol == pkt.protocol && sp.node_port == Some(pkt.port));
+        let hit = fam
+            .ports
+            .values()
+            .find(|sp| sp.protocol == pkt.protocol && sp.node_port == Some(pkt.port));
         if let Some(sp) = hit {
             return Hit::External(sp, false);
         }
@@ -155,7 +163,10 @@ fn dnat(set: &[Endpoint], masquerade: bool, src: IpAddr) -> Intent {
     }
     Intent::Dnat(
         set.iter()
-            .map(|e| Target { addr: e.addr, masquerade: masquerade || e.addr.ip() == src })
+            .map(|e| Target {
+                addr: e.addr,
+                masquerade: masquerade || e.addr.ip() == src,
+            })
             .collect(),
     )
 }

@@ -32,7 +32,11 @@ impl NodeFacts {
         let name = node.metadata.name.clone().unwrap_or_default();
         let labels = node.metadata.labels.clone().unwrap_or_default();
         let mut node_ips = BTreeMap::new();
-        let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or_default();
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_deref())
+            .unwrap_or_default();
         for wanted in ["InternalIP", "ExternalIP"] {
             for a in addresses.iter().filter(|a| a.type_ == wanted) {
                 if let Ok(ip) = a.address.parse::<IpAddr>() {
@@ -42,7 +46,11 @@ impl NodeFacts {
         }
         let spec = node.spec.as_ref();
         let pod_cidrs = spec
-            .and_then(|s| s.pod_cidrs.clone().or_else(|| s.pod_cidr.clone().map(|c| vec![c])))
+            .and_then(|s| {
+                s.pod_cidrs
+                    .clone()
+                    .or_else(|| s.pod_cidr.clone().map(|c| vec![c]))
+            })
             .unwrap_or_default()
             .iter()
             .filter_map(|c| c.parse::<IpNet>().ok())
@@ -142,7 +150,9 @@ impl DetectLocalMode {
             DetectLocalMode::ClusterCidr(cidrs) => first(cidrs),
             DetectLocalMode::NodeCidr => node.map_or(LocalDetector::None, |n| first(&n.pod_cidrs)),
             DetectLocalMode::BridgeInterface(b) => LocalDetector::BridgeInterface(b.clone()),
-            DetectLocalMode::InterfaceNamePrefix(p) => LocalDetector::InterfaceNamePrefix(p.clone()),
+            DetectLocalMode::InterfaceNamePrefix(p) => {
+                LocalDetector::InterfaceNamePrefix(p.clone())
+            }
         }
     }
 }
@@ -156,9 +166,19 @@ pub struct ProxyPolicy {
 
 impl ProxyPolicy {
     /// Resolves the detectors of both families from the mode and the Node (if known).
-    pub fn new(masquerade_all: bool, mode: &DetectLocalMode, node: Option<&NodeFacts>) -> ProxyPolicy {
-        let detectors = IpFamily::ALL.iter().map(|f| (*f, mode.detector(*f, node))).collect();
-        ProxyPolicy { masquerade_all, detectors }
+    pub fn new(
+        masquerade_all: bool,
+        mode: &DetectLocalMode,
+        node: Option<&NodeFacts>,
+    ) -> ProxyPolicy {
+        let detectors = IpFamily::ALL
+            .iter()
+            .map(|f| (*f, mode.detector(*f, node)))
+            .collect();
+        ProxyPolicy {
+            masquerade_all,
+            detectors,
+        }
     }
 
     pub fn detector(&self, family: IpFamily) -> &LocalDetector {

@@ -42,7 +42,11 @@ pub struct Skipped {
 
 impl fmt::Display for Skipped {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = if self.whole { "Skipping" } else { "Ignoring part of" };
+        let what = if self.whole {
+            "Skipping"
+        } else {
+            "Ignoring part of"
+        };
         write!(f, "{what} {} {}: {}", self.kind, self.object, self.reason)
     }
 }
@@ -113,21 +117,34 @@ pub struct ParsedSlice {
 /// Whether a labelled object belongs to another proxy or to a headless Service (§3.1): such
 /// objects are treated as absent.
 pub fn is_filtered(labels: Option<&BTreeMap<String, String>>) -> bool {
-    labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+    labels
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
 }
 
 /// Parses a Service. `Ok(None)` means "not ours": filtered by label, headless, ExternalName or
 /// without a ClusterIP; `Err` means invalid. Partial drops are appended to `notes`.
-pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<ParsedService>, Skipped> {
+pub fn parse_service(
+    svc: &Service,
+    notes: &mut Vec<Skipped>,
+) -> Result<Option<ParsedService>, Skipped> {
     let key = ObjectKey::of(&svc.metadata);
-    let skip = |reason: String| Skipped { kind: "Service", object: key.clone(), whole: true, reason };
+    let skip = |reason: String| Skipped {
+        kind: "Service",
+        object: key.clone(),
+        whole: true,
+        reason,
+    };
     if key.name.is_empty() || key.namespace.is_empty() {
-        return Err(skip("metadata.name and metadata.namespace are required".into()));
+        return Err(skip(
+            "metadata.name and metadata.namespace are required".into(),
+        ));
     }
     if is_filtered(svc.metadata.labels.as_ref()) {
         return Ok(None);
     }
-    let Some(spec) = svc.spec.as_ref() else { return Ok(None) };
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(None);
+    };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
         return Ok(None);
@@ -137,7 +154,10 @@ pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<P
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => vec![primary],
     };
-    if listed.first().is_none_or(|ip| ip.is_empty() || *ip == "None") {
+    if listed
+        .first()
+        .is_none_or(|ip| ip.is_empty() || *ip == "None")
+    {
         return Ok(None);
     }
     let mut cluster_ips = BTreeMap::new();
@@ -150,21 +170,41 @@ pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<P
     let mut seen = BTreeSet::new();
     for p in spec.ports.as_deref().unwrap_or_default() {
         let name = p.name.clone().unwrap_or_default();
-        let protocol = Protocol::from_k8s(p.protocol.as_deref())
-            .ok_or_else(|| skip(format!("port {name:?}: unknown protocol {:?}", p.protocol.as_deref().unwrap_or(""))))?;
-        let port = valid_port(p.port).ok_or_else(|| skip(format!("port {name:?}: invalid port {}", p.port)))?;
+        let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| {
+            skip(format!(
+                "port {name:?}: unknown protocol {:?}",
+                p.protocol.as_deref().unwrap_or("")
+            ))
+        })?;
+        let port = valid_port(p.port)
+            .ok_or_else(|| skip(format!("port {name:?}: invalid port {}", p.port)))?;
         let node_port = match p.node_port.unwrap_or(0) {
             0 => None,
-            n => Some(valid_port(n).ok_or_else(|| skip(format!("port {name:?}: invalid nodePort {n}")))?),
+            n => Some(
+                valid_port(n)
+                    .ok_or_else(|| skip(format!("port {name:?}: invalid nodePort {n}")))?,
+            ),
         };
         if !seen.insert((name.clone(), protocol)) {
-            return Err(skip(format!("duplicate port name {name:?} for protocol {protocol}")));
+            return Err(skip(format!(
+                "duplicate port name {name:?} for protocol {protocol}"
+            )));
         }
-        ports.push(ParsedPort { name, protocol, port, node_port });
+        ports.push(ParsedPort {
+            name,
+            protocol,
+            port,
+            node_port,
+        });
     }
 
     let mut partial = |reason: String| {
-        notes.push(Skipped { kind: "Service", object: key.clone(), whole: false, reason });
+        notes.push(Skipped {
+            kind: "Service",
+            object: key.clone(),
+            whole: false,
+            reason,
+        });
     };
     let mut external_ips = Vec::new();
     for raw in spec.external_ips.as_deref().unwrap_or_default() {
@@ -174,12 +214,18 @@ pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<P
         }
     }
     let mut load_balancer_ips = Vec::new();
-    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_deref());
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref());
     for ing in ingress.unwrap_or_default() {
         if !matches!(ing.ip_mode.as_deref(), None | Some("VIP")) {
             continue;
         }
-        let Some(raw) = ing.ip.as_deref().filter(|s| !s.is_empty()) else { continue };
+        let Some(raw) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
         match parse_ip(raw) {
             Some(ip) => load_balancer_ips.push(ip),
             None => partial(format!("invalid load-balancer ingress IP {raw:?}")),
@@ -188,7 +234,11 @@ pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<P
     // An invalid source range skips the whole Service: dropping just the range could open a
     // firewalled load balancer to the world (fail closed).
     let mut source_ranges = Vec::new();
-    for raw in spec.load_balancer_source_ranges.as_deref().unwrap_or_default() {
+    for raw in spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default()
+    {
         let trimmed = raw.trim();
         let net: IpNet = trimmed
             .parse()
@@ -206,20 +256,29 @@ pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<P
             match t {
                 None => Some(DEFAULT_AFFINITY_TIMEOUT),
                 Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT => Some(t as u32),
-                Some(t) => return Err(skip(format!("sessionAffinityConfig.clientIP.timeoutSeconds {t} not in 1..=86400"))),
+                Some(t) => {
+                    return Err(skip(format!(
+                        "sessionAffinityConfig.clientIP.timeoutSeconds {t} not in 1..=86400"
+                    )));
+                }
             }
         }
         None | Some("None") | Some("") => None,
         Some(other) => return Err(skip(format!("unknown sessionAffinity {other:?}"))),
     };
 
-    let externally_typed = matches!(svc_type, "LoadBalancer" | "NodePort") || !external_ips.is_empty();
-    let external_policy_local = externally_typed && spec.external_traffic_policy.as_deref() == Some("Local");
+    let externally_typed =
+        matches!(svc_type, "LoadBalancer" | "NodePort") || !external_ips.is_empty();
+    let external_policy_local =
+        externally_typed && spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_policy_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let health_check_node_port = if svc_type == "LoadBalancer" && external_policy_local {
         match spec.health_check_node_port.unwrap_or(0) {
             0 => {
-                partial("LoadBalancer with externalTrafficPolicy=Local has no healthCheckNodePort".into());
+                partial(
+                    "LoadBalancer with externalTrafficPolicy=Local has no healthCheckNodePort"
+                        .into(),
+                );
                 None
             }
             n => match valid_port(n) {
@@ -247,17 +306,30 @@ pub fn parse_service(svc: &Service, notes: &mut Vec<Skipped>) -> Result<Option<P
 
 /// Parses an EndpointSlice. `Ok(None)` means "not ours": filtered by label, no owning Service
 /// label, or an FQDN slice. Endpoints with an invalid address are dropped and noted.
-pub fn parse_slice(slice: &EndpointSlice, notes: &mut Vec<Skipped>) -> Result<Option<ParsedSlice>, Skipped> {
+pub fn parse_slice(
+    slice: &EndpointSlice,
+    notes: &mut Vec<Skipped>,
+) -> Result<Option<ParsedSlice>, Skipped> {
     let key = ObjectKey::of(&slice.metadata);
-    let skip = |reason: String| Skipped { kind: "EndpointSlice", object: key.clone(), whole: true, reason };
+    let skip = |reason: String| Skipped {
+        kind: "EndpointSlice",
+        object: key.clone(),
+        whole: true,
+        reason,
+    };
     if key.name.is_empty() || key.namespace.is_empty() {
-        return Err(skip("metadata.name and metadata.namespace are required".into()));
+        return Err(skip(
+            "metadata.name and metadata.namespace are required".into(),
+        ));
     }
     let labels = slice.metadata.labels.as_ref();
     if is_filtered(labels) {
         return Ok(None);
     }
-    let Some(service) = labels.and_then(|l| l.get(LABEL_SERVICE_NAME)).filter(|s| !s.is_empty()) else {
+    let Some(service) = labels
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .filter(|s| !s.is_empty())
+    else {
         return Ok(None);
     };
     let family = match slice.address_type.as_str() {
@@ -267,32 +339,61 @@ pub fn parse_slice(slice: &EndpointSlice, notes: &mut Vec<Skipped>) -> Result<Op
         other => return Err(skip(format!("unknown addressType {other:?}"))),
     };
     if slice.endpoints.len() > MAX_SLICE_ENDPOINTS {
-        return Err(skip(format!("{} endpoints exceed the API limit of {MAX_SLICE_ENDPOINTS}", slice.endpoints.len())));
+        return Err(skip(format!(
+            "{} endpoints exceed the API limit of {MAX_SLICE_ENDPOINTS}",
+            slice.endpoints.len()
+        )));
     }
     let raw_ports = slice.ports.as_deref().unwrap_or_default();
     if raw_ports.len() > MAX_SLICE_PORTS {
-        return Err(skip(format!("{} ports exceed the API limit of {MAX_SLICE_PORTS}", raw_ports.len())));
+        return Err(skip(format!(
+            "{} ports exceed the API limit of {MAX_SLICE_PORTS}",
+            raw_ports.len()
+        )));
     }
     let mut ports = Vec::new();
     for p in raw_ports {
         // Upstream ignores ports without a name or number (the controller always sets both).
-        let (Some(name), Some(number)) = (p.name.as_ref(), p.port) else { continue };
+        let (Some(name), Some(number)) = (p.name.as_ref(), p.port) else {
+            continue;
+        };
         if number == 0 {
             continue;
         }
-        let protocol = Protocol::from_k8s(p.protocol.as_deref())
-            .ok_or_else(|| skip(format!("port {name:?}: unknown protocol {:?}", p.protocol.as_deref().unwrap_or(""))))?;
-        let port = valid_port(number).ok_or_else(|| skip(format!("port {name:?}: invalid port {number}")))?;
-        if ports.iter().any(|q: &SlicePort| q.name == *name && q.protocol == protocol) {
-            return Err(skip(format!("duplicate port name {name:?} for protocol {protocol}")));
+        let protocol = Protocol::from_k8s(p.protocol.as_deref()).ok_or_else(|| {
+            skip(format!(
+                "port {name:?}: unknown protocol {:?}",
+                p.protocol.as_deref().unwrap_or("")
+            ))
+        })?;
+        let port = valid_port(number)
+            .ok_or_else(|| skip(format!("port {name:?}: invalid port {number}")))?;
+        if ports
+            .iter()
+            .any(|q: &SlicePort| q.name == *name && q.protocol == protocol)
+        {
+            return Err(skip(format!(
+                "duplicate port name {name:?} for protocol {protocol}"
+            )));
         }
-        ports.push(SlicePort { name: name.clone(), protocol, port });
+        ports.push(SlicePort {
+            name: name.clone(),
+            protocol,
+            port,
+        });
     }
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     for ep in &slice.endpoints {
-        let Some(raw) = ep.addresses.first() else { continue };
+        let Some(raw) = ep.addresses.first() else {
+            continue;
+        };
         let Some(ip) = parse_ip(raw) else {
-            notes.push(Skipped { kind: "EndpointSlice", object: key.clone(), whole: false, reason: format!("invalid endpoint address {raw:?}") });
+            notes.push(Skipped {
+                kind: "EndpointSlice",
+                object: key.clone(),
+                whole: false,
+                reason: format!("invalid endpoint address {raw:?}"),
+            });
             continue;
         };
         if IpFamily::of(&ip) != family {
@@ -306,11 +407,26 @@ pub fn parse_slice(slice: &EndpointSlice, notes: &mut Vec<Skipped>) -> Result<Op
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.clone().filter(|n| !n.is_empty()),
-            zone_hints: hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect(),
-            node_hints: hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
         });
     }
-    let trigger_time = slice.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TRIGGER_TIME)).cloned();
+    let trigger_time = slice
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_TRIGGER_TIME))
+        .cloned();
     Ok(Some(ParsedSlice {
         service: ServiceName::new(key.namespace.clone(), service.clone()),
         key,

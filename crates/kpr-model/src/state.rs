@@ -39,7 +39,10 @@ impl ClusterState {
 
     /// The slices of a Service (empty when none).
     pub fn slices(&self, name: &ServiceName) -> impl Iterator<Item = &ParsedSlice> {
-        self.slices.get(name).into_iter().flat_map(|s| s.values().map(Arc::as_ref))
+        self.slices
+            .get(name)
+            .into_iter()
+            .flat_map(|s| s.values().map(Arc::as_ref))
     }
 
     pub fn node(&self) -> Option<&NodeFacts> {
@@ -116,14 +119,17 @@ impl Trackers {
         let mut notes = Vec::new();
         match input {
             Input::Services(Update::Apply(svc)) => self.apply_service(&svc, &mut notes),
-            Input::Services(Update::Delete(key)) => self.set_service(ServiceName::new(key.namespace, key.name), None),
+            Input::Services(Update::Delete(key)) => {
+                self.set_service(ServiceName::new(key.namespace, key.name), None)
+            }
             Input::Services(Update::Replace(list)) => self.replace_services(&list, &mut notes),
             Input::Slices(Update::Apply(slice)) => self.apply_slice(&slice, &mut notes),
             Input::Slices(Update::Delete(key)) => self.remove_slice(&key),
             Input::Slices(Update::Replace(list)) => self.replace_slices(&list, &mut notes),
             Input::Node(node) => {
                 let facts = node.as_deref().map(NodeFacts::from_node);
-                if facts.as_ref().map(|f| &f.labels) != self.state.node.as_ref().map(|f| &f.labels) {
+                if facts.as_ref().map(|f| &f.labels) != self.state.node.as_ref().map(|f| &f.labels)
+                {
                     // §3.4: any Node label change forces a full resync.
                     self.full = true;
                 }
@@ -156,7 +162,10 @@ impl Trackers {
 
     /// Hands out what changed since the last checkout and starts tracking afresh.
     pub fn checkout(&mut self) -> SyncPlan {
-        let mut plan = SyncPlan { full: std::mem::take(&mut self.full), ..SyncPlan::default() };
+        let mut plan = SyncPlan {
+            full: std::mem::take(&mut self.full),
+            ..SyncPlan::default()
+        };
         let prev_services = std::mem::take(&mut self.prev_services);
         let prev_slices = std::mem::take(&mut self.prev_slices);
         for (name, prev) in &prev_services {
@@ -172,7 +181,10 @@ impl Trackers {
             {
                 add_ports(&mut plan.changed_ports, svc);
             }
-            let times = self.state.slices(name).filter_map(|s| s.trigger_time.clone());
+            let times = self
+                .state
+                .slices(name)
+                .filter_map(|s| s.trigger_time.clone());
             plan.trigger_times.extend(times);
         }
         plan
@@ -202,7 +214,13 @@ impl Trackers {
             };
             fresh.insert(name, value);
         }
-        let gone: Vec<ServiceName> = self.state.services.keys().filter(|n| !fresh.contains_key(*n)).cloned().collect();
+        let gone: Vec<ServiceName> = self
+            .state
+            .services
+            .keys()
+            .filter(|n| !fresh.contains_key(*n))
+            .cloned()
+            .collect();
         for name in gone {
             self.set_service(name, None);
         }
@@ -217,7 +235,11 @@ impl Trackers {
             return;
         }
         self.service_changes_total += 1;
-        let prev = self.prev_services.entry(name.clone()).or_insert_with(|| cur.clone()).clone();
+        let prev = self
+            .prev_services
+            .entry(name.clone())
+            .or_insert_with(|| cur.clone())
+            .clone();
         match value {
             Some(v) => self.state.services.insert(name.clone(), v),
             None => self.state.services.remove(&name),
@@ -253,7 +275,13 @@ impl Trackers {
                 }
             }
         }
-        let gone: Vec<ObjectKey> = self.state.slice_owner.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        let gone: Vec<ObjectKey> = self
+            .state
+            .slice_owner
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
         for key in gone {
             self.remove_slice(&key);
         }
@@ -269,7 +297,13 @@ impl Trackers {
             self.remove_slice(&key);
         }
         let service = slice.service.clone();
-        if self.state.slices.get(&service).and_then(|s| s.get(&key.name)) == Some(&slice) {
+        if self
+            .state
+            .slices
+            .get(&service)
+            .and_then(|s| s.get(&key.name))
+            == Some(&slice)
+        {
             return;
         }
         self.edit_slices(&service, |set| {
@@ -279,7 +313,9 @@ impl Trackers {
     }
 
     fn remove_slice(&mut self, key: &ObjectKey) {
-        let Some(service) = self.state.slice_owner.remove(key) else { return };
+        let Some(service) = self.state.slice_owner.remove(key) else {
+            return;
+        };
         self.edit_slices(&service, |set| {
             set.remove(&key.name);
         });
@@ -289,7 +325,11 @@ impl Trackers {
     fn edit_slices(&mut self, service: &ServiceName, edit: impl FnOnce(&mut SliceSet)) {
         self.endpoint_changes_total += 1;
         let cur = self.state.slices.get(service).cloned();
-        let prev = self.prev_slices.entry(service.clone()).or_insert(cur).clone();
+        let prev = self
+            .prev_slices
+            .entry(service.clone())
+            .or_insert(cur)
+            .clone();
         let mut set = self.state.slices.remove(service).unwrap_or_default();
         edit(Arc::make_mut(&mut set));
         if !set.is_empty() {
@@ -304,6 +344,10 @@ impl Trackers {
 
 fn add_ports(out: &mut BTreeSet<ServicePortName>, svc: &ParsedService) {
     for p in &svc.ports {
-        out.insert(ServicePortName::new(svc.name.clone(), p.name.clone(), p.protocol));
+        out.insert(ServicePortName::new(
+            svc.name.clone(),
+            p.name.clone(),
+            p.protocol,
+        ));
     }
 }

@@ -72,9 +72,19 @@ pub fn topology_mode(endpoints: &[EndpointInfo], node: &str, zone: Option<&str>)
 }
 
 /// Splits a service port's endpoints into the Cluster and Local sets (§5.1).
-pub fn categorize(endpoints: &[EndpointInfo], uses: Uses, node: &str, zone: Option<&str>) -> Categorized {
+pub fn categorize(
+    endpoints: &[EndpointInfo],
+    uses: Uses,
+    node: &str,
+    zone: Option<&str>,
+) -> Categorized {
     let pick = |f: &dyn Fn(&EndpointInfo) -> bool| -> Vec<usize> {
-        endpoints.iter().enumerate().filter(|(_, e)| f(e)).map(|(i, _)| i).collect()
+        endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| f(e))
+            .map(|(i, _)| i)
+            .collect()
     };
     let mut out = Categorized::default();
     if uses.cluster {
@@ -99,7 +109,12 @@ pub fn categorize(endpoints: &[EndpointInfo], uses: Uses, node: &str, zone: Opti
             out.local = pick(&|e| e.local && e.serving_terminating());
         }
     }
-    let mut all: Vec<usize> = out.cluster.iter().chain(out.local.iter()).copied().collect();
+    let mut all: Vec<usize> = out
+        .cluster
+        .iter()
+        .chain(out.local.iter())
+        .copied()
+        .collect();
     all.sort_unstable();
     all.dedup();
     out.all = all;

@@ -2,6 +2,7 @@
 //! where upstream has none"): event order does not matter to the final state, partial updates
 //! equal a fresh full build, and changes that end where they started leave nothing to sync.
 
+#![allow(clippy::unwrap_used)]
 mod common;
 
 use k8s_openapi::api::core::v1::Service;
@@ -14,12 +15,24 @@ use proptest::prelude::*;
 /// One object version, drawn from a small universe so events collide often.
 #[derive(Debug, Clone)]
 enum Ev {
-    Svc { id: u8, variant: u8 },
+    Svc {
+        id: u8,
+        variant: u8,
+    },
     DelSvc(u8),
-    Slice { svc: u8, idx: u8, eps: Vec<(u8, u8)> },
-    DelSlice { svc: u8, idx: u8 },
+    Slice {
+        svc: u8,
+        idx: u8,
+        eps: Vec<(u8, u8)>,
+    },
+    DelSlice {
+        svc: u8,
+        idx: u8,
+    },
     ReplaceSvcs(Vec<(u8, u8)>),
-    Node { zone: u8 },
+    Node {
+        zone: u8,
+    },
     Checkout,
 }
 
@@ -33,7 +46,10 @@ fn svc_obj(id: u8, variant: u8) -> Service {
         b = b.node_port("dns", 53, "UDP", 30053 + i32::from(id));
     }
     if variant & 4 == 4 {
-        b = b.lb(LB_IP, None).etp_local().health_check_node_port(31000 + i32::from(id));
+        b = b
+            .lb(LB_IP, None)
+            .etp_local()
+            .health_check_node_port(31000 + i32::from(id));
     }
     if variant & 8 == 8 {
         b = b.itp_local();
@@ -46,7 +62,9 @@ fn svc_obj(id: u8, variant: u8) -> Service {
 
 /// Endpoints: (ip index, state) where state picks ready/terminating/not-ready and node.
 fn slice_obj(svc: u8, idx: u8, eps: &[(u8, u8)]) -> EndpointSlice {
-    let mut b = slice("ns", &format!("svc{svc}"), &format!("s{idx}")).port("http", 8080, "TCP").port("dns", 5353, "UDP");
+    let mut b = slice("ns", &format!("svc{svc}"), &format!("s{idx}"))
+        .port("http", 8080, "TCP")
+        .port("dns", 5353, "UDP");
     for (ip, state) in eps {
         let addr = format!("10.0.{}.{}", ip % 2, ip + 1);
         let node = if ip % 2 == 0 { NODE } else { OTHER_NODE };
@@ -80,16 +98,26 @@ fn input(ev: &Ev) -> Option<Input> {
         Ev::Svc { id, variant } => Input::Services(Update::Apply(svc_obj(*id, *variant))),
         Ev::DelSvc(id) => Input::Services(Update::Delete(ObjectKey::new("ns", format!("svc{id}")))),
         Ev::Slice { svc, idx, eps } => Input::Slices(Update::Apply(slice_obj(*svc, *idx, eps))),
-        Ev::DelSlice { svc, idx } => Input::Slices(Update::Delete(ObjectKey::new("ns", format!("svc{svc}-s{idx}")))),
-        Ev::ReplaceSvcs(list) => Input::Services(Update::Replace(list.iter().map(|(i, v)| svc_obj(*i, *v)).collect())),
-        Ev::Node { zone } => Input::Node(Some(Box::new(node(NODE).zone(["a", "b", "c"][*zone as usize]).into()))),
+        Ev::DelSlice { svc, idx } => Input::Slices(Update::Delete(ObjectKey::new(
+            "ns",
+            format!("svc{svc}-s{idx}"),
+        ))),
+        Ev::ReplaceSvcs(list) => Input::Services(Update::Replace(
+            list.iter().map(|(i, v)| svc_obj(*i, *v)).collect(),
+        )),
+        Ev::Node { zone } => Input::Node(Some(Box::new(
+            node(NODE).zone(["a", "b", "c"][*zone as usize]).into(),
+        ))),
         Ev::Checkout => return None,
     })
 }
 
 fn policy(t: &Trackers) -> (NodeContext, ProxyPolicy) {
     let mode = DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]);
-    (NodeContext::new(NODE, t.state().node()), ProxyPolicy::new(false, &mode, t.state().node()))
+    (
+        NodeContext::new(NODE, t.state().node()),
+        ProxyPolicy::new(false, &mode, t.state().node()),
+    )
 }
 
 fn full(t: &Trackers) -> DesiredState {
@@ -166,14 +194,24 @@ proptest! {
 #[test]
 fn replace_deletes_what_is_absent_and_names_changed_ports() {
     let mut t = Trackers::new();
-    t.record(Input::Services(Update::Replace(vec![svc_obj(0, 0), svc_obj(1, 2)])));
-    t.record(Input::Slices(Update::Replace(vec![slice_obj(0, 0, &[(0, 0)]), slice_obj(1, 0, &[(1, 0)])])));
+    t.record(Input::Services(Update::Replace(vec![
+        svc_obj(0, 0),
+        svc_obj(1, 2),
+    ])));
+    t.record(Input::Slices(Update::Replace(vec![
+        slice_obj(0, 0, &[(0, 0)]),
+        slice_obj(1, 0, &[(1, 0)]),
+    ])));
     let first = t.checkout();
     assert!(first.full);
     assert_eq!(t.state().service_count(), 2);
     // A relist without svc1 and its slice: both vanish; svc0 is untouched.
     t.record(Input::Services(Update::Replace(vec![svc_obj(0, 0)])));
-    t.record(Input::Slices(Update::Replace(vec![slice_obj(0, 0, &[(0, 0)])])));
+    t.record(Input::Slices(Update::Replace(vec![slice_obj(
+        0,
+        0,
+        &[(0, 0)],
+    )])));
     assert_eq!(t.state().service_count(), 1);
     assert_eq!(t.state().slice_count(), 1);
     let plan = t.checkout();
@@ -189,8 +227,13 @@ fn replace_deletes_what_is_absent_and_names_changed_ports() {
 fn plan_carries_trigger_times_of_changed_slices() {
     let mut t = Trackers::new();
     let mut s = slice_obj(0, 0, &[(0, 0)]);
-    s.metadata.annotations =
-        Some([("endpoints.kubernetes.io/last-change-trigger-time".to_owned(), "2026-11-24T10:00:00Z".to_owned())].into());
+    s.metadata.annotations = Some(
+        [(
+            "endpoints.kubernetes.io/last-change-trigger-time".to_owned(),
+            "2026-11-24T10:00:00Z".to_owned(),
+        )]
+        .into(),
+    );
     t.record(Input::Services(Update::Apply(svc_obj(0, 0))));
     let _ = t.checkout();
     t.record(Input::Slices(Update::Apply(s)));

@@ -4,8 +4,8 @@
 //! .port("p80", 80, "TCP")`) and get exactly what the API server would hand the proxy.
 
 use k8s_openapi::api::core::v1::{
-    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec, NodeStatus, Service,
-    ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig, Taint,
+    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec,
+    NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig, Taint,
 };
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
@@ -25,7 +25,10 @@ fn meta(ns: &str, name: &str) -> ObjectMeta {
 pub fn service(ns: &str, name: &str) -> ServiceBuilder {
     ServiceBuilder(Service {
         metadata: meta(ns, name),
-        spec: Some(ServiceSpec { type_: Some("ClusterIP".into()), ..ServiceSpec::default() }),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            ..ServiceSpec::default()
+        }),
         status: None,
     })
 }
@@ -44,7 +47,11 @@ impl ServiceBuilder {
     }
 
     pub fn label(mut self, k: &str, v: &str) -> Self {
-        self.0.metadata.labels.get_or_insert_with(BTreeMap::new).insert(k.into(), v.into());
+        self.0
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
         self
     }
 
@@ -54,7 +61,9 @@ impl ServiceBuilder {
         if spec.cluster_ip.is_none() {
             spec.cluster_ip = Some(ip.into());
         }
-        spec.cluster_ips.get_or_insert_with(Vec::new).push(ip.into());
+        spec.cluster_ips
+            .get_or_insert_with(Vec::new)
+            .push(ip.into());
         self
     }
 
@@ -77,13 +86,16 @@ impl ServiceBuilder {
     }
 
     fn port_np(mut self, name: &str, port: i32, protocol: &str, node_port: i32) -> Self {
-        self.spec().ports.get_or_insert_with(Vec::new).push(ServicePort {
-            name: (!name.is_empty()).then(|| name.to_owned()),
-            port,
-            protocol: Some(protocol.into()),
-            node_port: (node_port != 0).then_some(node_port),
-            ..ServicePort::default()
-        });
+        self.spec()
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(ServicePort {
+                name: (!name.is_empty()).then(|| name.to_owned()),
+                port,
+                protocol: Some(protocol.into()),
+                node_port: (node_port != 0).then_some(node_port),
+                ..ServicePort::default()
+            });
         self
     }
 
@@ -91,12 +103,16 @@ impl ServiceBuilder {
     pub fn lb(mut self, ip: &str, ip_mode: Option<&str>) -> Self {
         self.spec().type_ = Some("LoadBalancer".into());
         let status = self.0.status.get_or_insert_with(ServiceStatus::default);
-        let lb = status.load_balancer.get_or_insert_with(LoadBalancerStatus::default);
-        lb.ingress.get_or_insert_with(Vec::new).push(LoadBalancerIngress {
-            ip: Some(ip.into()),
-            ip_mode: ip_mode.map(str::to_owned),
-            ..LoadBalancerIngress::default()
-        });
+        let lb = status
+            .load_balancer
+            .get_or_insert_with(LoadBalancerStatus::default);
+        lb.ingress
+            .get_or_insert_with(Vec::new)
+            .push(LoadBalancerIngress {
+                ip: Some(ip.into()),
+                ip_mode: ip_mode.map(str::to_owned),
+                ..LoadBalancerIngress::default()
+            });
         self
     }
 
@@ -104,21 +120,31 @@ impl ServiceBuilder {
     pub fn lb_hostname(mut self, host: &str) -> Self {
         self.spec().type_ = Some("LoadBalancer".into());
         let status = self.0.status.get_or_insert_with(ServiceStatus::default);
-        let lb = status.load_balancer.get_or_insert_with(LoadBalancerStatus::default);
-        lb.ingress.get_or_insert_with(Vec::new).push(LoadBalancerIngress {
-            hostname: Some(host.into()),
-            ..LoadBalancerIngress::default()
-        });
+        let lb = status
+            .load_balancer
+            .get_or_insert_with(LoadBalancerStatus::default);
+        lb.ingress
+            .get_or_insert_with(Vec::new)
+            .push(LoadBalancerIngress {
+                hostname: Some(host.into()),
+                ..LoadBalancerIngress::default()
+            });
         self
     }
 
     pub fn external_ip(mut self, ip: &str) -> Self {
-        self.spec().external_ips.get_or_insert_with(Vec::new).push(ip.into());
+        self.spec()
+            .external_ips
+            .get_or_insert_with(Vec::new)
+            .push(ip.into());
         self
     }
 
     pub fn source_range(mut self, range: &str) -> Self {
-        self.spec().load_balancer_source_ranges.get_or_insert_with(Vec::new).push(range.into());
+        self.spec()
+            .load_balancer_source_ranges
+            .get_or_insert_with(Vec::new)
+            .push(range.into());
         self
     }
 
@@ -142,7 +168,9 @@ impl ServiceBuilder {
         let spec = self.spec();
         spec.session_affinity = Some("ClientIP".into());
         spec.session_affinity_config = timeout.map(|t| SessionAffinityConfig {
-            client_ip: Some(ClientIPConfig { timeout_seconds: Some(t) }),
+            client_ip: Some(ClientIPConfig {
+                timeout_seconds: Some(t),
+            }),
         });
         self
     }
@@ -157,8 +185,16 @@ impl From<ServiceBuilder> for Service {
 /// Starts an EndpointSlice for Service `ns/svc`, named `<svc>-<suffix>`, of the IP's family.
 pub fn slice(ns: &str, svc: &str, suffix: &str) -> SliceBuilder {
     let mut m = meta(ns, &format!("{svc}-{suffix}"));
-    m.labels = Some(BTreeMap::from([("kubernetes.io/service-name".to_owned(), svc.to_owned())]));
-    SliceBuilder(EndpointSlice { address_type: "IPv4".into(), endpoints: Vec::new(), metadata: m, ports: None })
+    m.labels = Some(BTreeMap::from([(
+        "kubernetes.io/service-name".to_owned(),
+        svc.to_owned(),
+    )]));
+    SliceBuilder(EndpointSlice {
+        address_type: "IPv4".into(),
+        endpoints: Vec::new(),
+        metadata: m,
+        ports: None,
+    })
 }
 
 /// Builds an EndpointSlice.
@@ -176,17 +212,24 @@ impl SliceBuilder {
     }
 
     pub fn label(mut self, k: &str, v: &str) -> Self {
-        self.0.metadata.labels.get_or_insert_with(BTreeMap::new).insert(k.into(), v.into());
+        self.0
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
         self
     }
 
     pub fn port(mut self, name: &str, port: i32, protocol: &str) -> Self {
-        self.0.ports.get_or_insert_with(Vec::new).push(EndpointPort {
-            name: Some(name.into()),
-            port: Some(port),
-            protocol: Some(protocol.into()),
-            ..EndpointPort::default()
-        });
+        self.0
+            .ports
+            .get_or_insert_with(Vec::new)
+            .push(EndpointPort {
+                name: Some(name.into()),
+                port: Some(port),
+                protocol: Some(protocol.into()),
+                ..EndpointPort::default()
+            });
         self
     }
 
@@ -201,10 +244,21 @@ impl SliceBuilder {
     }
 
     /// An endpoint with explicit conditions (`None` = nil in the API).
-    pub fn endpoint(mut self, ip: &str, node: &str, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> Self {
+    pub fn endpoint(
+        mut self,
+        ip: &str,
+        node: &str,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+    ) -> Self {
         self.0.endpoints.push(Endpoint {
             addresses: vec![ip.into()],
-            conditions: Some(EndpointConditions { ready, serving, terminating }),
+            conditions: Some(EndpointConditions {
+                ready,
+                serving,
+                terminating,
+            }),
             node_name: (!node.is_empty()).then(|| node.to_owned()),
             ..Endpoint::default()
         });
@@ -215,7 +269,12 @@ impl SliceBuilder {
     pub fn zone_hints(mut self, zones: &[&str]) -> Self {
         if let Some(ep) = self.0.endpoints.last_mut() {
             let hints = ep.hints.get_or_insert_with(EndpointHints::default);
-            hints.for_zones = Some(zones.iter().map(|z| ForZone { name: (*z).into() }).collect());
+            hints.for_zones = Some(
+                zones
+                    .iter()
+                    .map(|z| ForZone { name: (*z).into() })
+                    .collect(),
+            );
         }
         self
     }
@@ -224,7 +283,12 @@ impl SliceBuilder {
     pub fn node_hints(mut self, nodes: &[&str]) -> Self {
         if let Some(ep) = self.0.endpoints.last_mut() {
             let hints = ep.hints.get_or_insert_with(EndpointHints::default);
-            hints.for_nodes = Some(nodes.iter().map(|n| ForNode { name: (*n).into() }).collect());
+            hints.for_nodes = Some(
+                nodes
+                    .iter()
+                    .map(|n| ForNode { name: (*n).into() })
+                    .collect(),
+            );
         }
         self
     }
@@ -238,7 +302,11 @@ impl From<SliceBuilder> for EndpointSlice {
 
 /// Starts a Node.
 pub fn node(name: &str) -> NodeBuilder {
-    NodeBuilder(Node { metadata: meta("", name), spec: Some(NodeSpec::default()), status: Some(NodeStatus::default()) })
+    NodeBuilder(Node {
+        metadata: meta("", name),
+        spec: Some(NodeSpec::default()),
+        status: Some(NodeStatus::default()),
+    })
 }
 
 /// Builds a Node.
@@ -251,7 +319,11 @@ impl NodeBuilder {
     }
 
     pub fn label(mut self, k: &str, v: &str) -> Self {
-        self.0.metadata.labels.get_or_insert_with(BTreeMap::new).insert(k.into(), v.into());
+        self.0
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.into(), v.into());
         self
     }
 
@@ -262,7 +334,13 @@ impl NodeBuilder {
     /// Adds an address of a type (`InternalIP`, `ExternalIP`, `Hostname`).
     pub fn address(mut self, type_: &str, address: &str) -> Self {
         let status = self.0.status.get_or_insert_with(NodeStatus::default);
-        status.addresses.get_or_insert_with(Vec::new).push(NodeAddress { address: address.into(), type_: type_.into() });
+        status
+            .addresses
+            .get_or_insert_with(Vec::new)
+            .push(NodeAddress {
+                address: address.into(),
+                type_: type_.into(),
+            });
         self
     }
 
@@ -271,13 +349,19 @@ impl NodeBuilder {
         if spec.pod_cidr.is_none() {
             spec.pod_cidr = Some(cidr.into());
         }
-        spec.pod_cidrs.get_or_insert_with(Vec::new).push(cidr.into());
+        spec.pod_cidrs
+            .get_or_insert_with(Vec::new)
+            .push(cidr.into());
         self
     }
 
     pub fn taint(mut self, key: &str) -> Self {
         let spec = self.0.spec.get_or_insert_with(NodeSpec::default);
-        spec.taints.get_or_insert_with(Vec::new).push(Taint { key: key.into(), effect: "NoSchedule".into(), ..Taint::default() });
+        spec.taints.get_or_insert_with(Vec::new).push(Taint {
+            key: key.into(),
+            effect: "NoSchedule".into(),
+            ..Taint::default()
+        });
         self
     }
 }

@@ -1,11 +1,13 @@
 //! Test harness for the model: feed objects, sync, and ask where packets go.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kpr_model::intent::{HostView, Intent, Packet, Target, intent};
 use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
-use kpr_model::{DesiredState, Input, IpFamily, Protocol, ServicePortDesired, Skipped, Trackers, Update, desired};
+use kpr_model::{
+    DesiredState, Input, IpFamily, Protocol, ServicePortDesired, Skipped, Trackers, Update, desired,
+};
 use kpr_testkit::{CLUSTER_CIDR, NODE, NODE_IP, NODE_IP6};
 
 pub struct Harness {
@@ -25,7 +27,11 @@ impl Harness {
             masquerade_all: false,
             host: HostView {
                 node_port_ips: Some(vec![NODE_IP.parse().unwrap(), NODE_IP6.parse().unwrap()]),
-                local_ips: vec![NODE_IP.parse().unwrap(), "127.0.0.1".parse().unwrap(), "192.168.1.2".parse().unwrap()],
+                local_ips: vec![
+                    NODE_IP.parse().unwrap(),
+                    "127.0.0.1".parse().unwrap(),
+                    "192.168.1.2".parse().unwrap(),
+                ],
                 reject_unknown_cluster_ports: true,
             },
             skipped: Vec::new(),
@@ -33,7 +39,9 @@ impl Harness {
     }
 
     pub fn service(&mut self, svc: impl Into<Service>) -> &mut Self {
-        let notes = self.trackers.record(Input::Services(Update::Apply(svc.into())));
+        let notes = self
+            .trackers
+            .record(Input::Services(Update::Apply(svc.into())));
         self.skipped.extend(notes);
         self
     }
@@ -50,7 +58,11 @@ impl Harness {
     }
 
     pub fn policy(&self) -> ProxyPolicy {
-        ProxyPolicy::new(self.masquerade_all, &self.mode, self.trackers.state().node())
+        ProxyPolicy::new(
+            self.masquerade_all,
+            &self.mode,
+            self.trackers.state().node(),
+        )
     }
 
     pub fn context(&self) -> NodeContext {
@@ -62,7 +74,13 @@ impl Harness {
     }
 
     /// The desired state of one service port (`ns/svc:port`), IPv4 unless the name ends `@v6`.
-    pub fn port(&self, family: IpFamily, ns: &str, svc: &str, port: &str) -> Option<ServicePortDesired> {
+    pub fn port(
+        &self,
+        family: IpFamily,
+        ns: &str,
+        svc: &str,
+        port: &str,
+    ) -> Option<ServicePortDesired> {
         let d = self.desired();
         d.families[&family]
             .ports
@@ -72,7 +90,11 @@ impl Harness {
     }
 
     pub fn trace(&self, pkt: Packet) -> Intent {
-        let fam = if pkt.dst.is_ipv4() { IpFamily::V4 } else { IpFamily::V6 };
+        let fam = if pkt.dst.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        };
         intent(&self.desired().families[&fam], &self.host, &pkt)
     }
 }
@@ -85,15 +107,27 @@ pub struct From {
 }
 
 pub fn from_pod(ip: &str) -> From {
-    From { src: ip.into(), from_host: false, iif: Some("veth1234".into()) }
+    From {
+        src: ip.into(),
+        from_host: false,
+        iif: Some("veth1234".into()),
+    }
 }
 
 pub fn from_external(ip: &str) -> From {
-    From { src: ip.into(), from_host: false, iif: Some("eth0".into()) }
+    From {
+        src: ip.into(),
+        from_host: false,
+        iif: Some("eth0".into()),
+    }
 }
 
 pub fn from_host(ip: &str) -> From {
-    From { src: ip.into(), from_host: true, iif: None }
+    From {
+        src: ip.into(),
+        from_host: true,
+        iif: None,
+    }
 }
 
 impl From {
@@ -120,5 +154,12 @@ impl From {
 
 /// DNAT to these `ip:port` endpoints, all with the same masquerade flag.
 pub fn dnat(eps: &[&str], masquerade: bool) -> Intent {
-    Intent::Dnat(eps.iter().map(|e| Target { addr: e.parse().unwrap(), masquerade }).collect())
+    Intent::Dnat(
+        eps.iter()
+            .map(|e| Target {
+                addr: e.parse().unwrap(),
+                masquerade,
+            })
+            .collect(),
+    )
 }
