@@ -1,0 +1,173 @@
+//! Wiring: flags and configuration file in, then one of `--version`, `--write-config-to`,
+//! `--dry-run` or the long-running sync loop. Exit codes follow upstream: 0 on success, 1 on a
+//! configuration error (nothing is programmed then).
+
+use crate::sync::{SyncConfig, SyncState};
+use crate::{logging, report, sync};
+use kpr_config::{DetectLocal, Flags, ProxyConfig, Resolved, resolve, to_yaml};
+use kpr_model::node::DetectLocalMode;
+use std::path::Path;
+use std::process::ExitCode;
+use tokio::sync::{mpsc, watch};
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let flags = match Flags::try_parse_args(std::env::args_os()) {
+        Ok(f) => f,
+        Err(e) => {
+            let usage_error = e.use_stderr();
+            let _ = e.print();
+            return if usage_error {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    if flags.wants_version() {
+        println!("{}", Flags::version_string());
+        return ExitCode::SUCCESS;
+    }
+    let resolved = match resolve(&flags) {
+        Ok(r) => r,
+        Err(e) => {
+            logging::init(0);
+            tracing::error!("Invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    logging::init(resolved.proxy.logging.verbosity);
+    for w in &resolved.warnings {
+        tracing::warn!("{w}");
+    }
+    match run(&resolved) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(resolved: &Resolved) -> anyhow::Result<()> {
+    let proxy = &resolved.proxy;
+    if let Some(path) = &proxy.write_config_to {
+        std::fs::write(path, to_yaml(&resolved.file_config))
+            .map_err(|e| anyhow::anyhow!("writing the configuration to {}: {e}", path.display()))?;
+        tracing::info!(path = %path.display(), "Wrote configuration");
+        return Ok(());
+    }
+    if proxy.cleanup {
+        anyhow::bail!("--cleanup is not available in this build yet: it lands with the data plane");
+    }
+    let Some(dir) = proxy.manifests.as_deref() else {
+        anyhow::bail!(
+            "no object source: this build reads Services and EndpointSlices from --manifests DIR; \
+             the API-server source (--kubeconfig, --master, in-cluster) is not built yet"
+        );
+    };
+    let cfg = sync_config(proxy)?;
+    tracing::info!(node = %cfg.node_name, mode = proxy.mode.as_str(), manifests = %dir.display(), "Starting kube-proxy-rs");
+    if proxy.dry_run {
+        return dry_run(cfg, dir, proxy);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(cfg, dir.to_owned()))
+}
+
+/// `--dry-run`: read the directory once, compute, print the report, exit.
+fn dry_run(cfg: SyncConfig, dir: &Path, proxy: &ProxyConfig) -> anyhow::Result<()> {
+    let (snapshot, problems) = kpr_watch::load_dir(dir)?;
+    for p in &problems {
+        tracing::warn!("{p}");
+    }
+    let node = cfg.node_name.clone();
+    let mut state = SyncState::new(cfg);
+    for input in snapshot.into_inputs() {
+        state.record(input);
+    }
+    state.sync();
+    println!(
+        "# kube-proxy-rs --dry-run: node {node}, mode {}, from {}",
+        proxy.mode.as_str(),
+        dir.display()
+    );
+    println!("# the desired state per service port (nothing is programmed)\n");
+    print!("{}", report::render(state.desired()));
+    Ok(())
+}
+
+/// The long-running mode: follow the directory, sync on changes, stop on SIGTERM/SIGINT.
+async fn serve(cfg: SyncConfig, dir: std::path::PathBuf) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel(1024);
+    let (stop, shutdown) = watch::channel(false);
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let source = tokio::spawn(kpr_watch::run(
+        dir,
+        tx,
+        shutdown.clone(),
+        kpr_watch::DEFAULT_POLL_INTERVAL,
+    ));
+    let looper = tokio::spawn(sync::run(SyncState::new(cfg), rx, shutdown, reports_tx));
+    let drain = tokio::spawn(async move { while reports.recv().await.is_some() {} });
+    wait_for_signal().await?;
+    tracing::info!("Shutting down");
+    let _ = stop.send(true);
+    source.await??;
+    let _ = looper.await?;
+    let _ = drain.await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+/// The sync loop's settings from the configuration (§2.2 node name, §4.10 detection).
+fn sync_config(proxy: &ProxyConfig) -> anyhow::Result<SyncConfig> {
+    let node_name = match &proxy.hostname_override {
+        Some(n) => n.clone(),
+        None => match std::env::var("NODE_NAME")
+            .ok()
+            .map(|n| n.trim().to_lowercase())
+            .filter(|n| !n.is_empty())
+        {
+            Some(n) => n,
+            None => hostname()?,
+        },
+    };
+    let detect_local = match &proxy.detect_local {
+        DetectLocal::ClusterCidr => DetectLocalMode::ClusterCidr(proxy.cluster_cidrs.clone()),
+        DetectLocal::NodeCidr => DetectLocalMode::NodeCidr,
+        DetectLocal::BridgeInterface(b) => DetectLocalMode::BridgeInterface(b.clone()),
+        DetectLocal::InterfaceNamePrefix(p) => DetectLocalMode::InterfaceNamePrefix(p.clone()),
+    };
+    Ok(SyncConfig {
+        node_name,
+        masquerade_all: proxy.masquerade_all,
+        detect_local,
+        bind_address: Some(proxy.bind_address),
+        min_sync_period: proxy.min_sync_period,
+    })
+}
+
+/// The OS hostname, lower-cased (upstream's fallback node name).
+fn hostname() -> anyhow::Result<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| anyhow::anyhow!("reading the hostname: {e}; set --hostname-override"))?;
+    let name = raw.trim().to_lowercase();
+    anyhow::ensure!(
+        !name.is_empty(),
+        "the hostname is empty; set --hostname-override"
+    );
+    Ok(name)
+}

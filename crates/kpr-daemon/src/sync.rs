@@ -1,0 +1,270 @@
+//! The sync loop: one task owns all state, folds inputs, and decides when to sync.
+//!
+//! Inputs from every source arrive on one channel. Nothing is synced until each source has
+//! delivered its first full list (a `Replace` of Services and of EndpointSlices, §2.1 step 11);
+//! after that, bursts are coalesced and syncs are at least `min_sync_period` apart (§11). Until
+//! the data plane lands (issue 3) a sync computes the desired state and reports it.
+
+use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
+use kpr_model::{DesiredState, Input, IpFamily, SyncPlan, Trackers, Update, update_desired};
+use std::net::IpAddr;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// What the sync loop needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// This node's name (lower-cased): local endpoints and node hints are matched against it.
+    pub node_name: String,
+    pub masquerade_all: bool,
+    pub detect_local: DetectLocalMode,
+    /// A non-unspecified `bindAddress` overrides the node IP of its family (§2.2).
+    pub bind_address: Option<IpAddr>,
+    pub min_sync_period: Duration,
+}
+
+/// The result of one sync, for logging and (later) metrics.
+#[derive(Debug, Clone)]
+pub struct SyncReport {
+    pub plan: SyncPlan,
+    /// Service ports per family after the sync.
+    pub ports: Vec<(IpFamily, usize)>,
+}
+
+/// All state the loop owns.
+#[derive(Debug)]
+pub struct SyncState {
+    cfg: SyncConfig,
+    trackers: Trackers,
+    desired: DesiredState,
+    context: Option<(NodeContext, ProxyPolicy)>,
+    services_listed: bool,
+    slices_listed: bool,
+    wrong_node_logged: bool,
+}
+
+impl SyncState {
+    pub fn new(cfg: SyncConfig) -> SyncState {
+        SyncState {
+            cfg,
+            trackers: Trackers::new(),
+            desired: DesiredState::default(),
+            context: None,
+            services_listed: false,
+            slices_listed: false,
+            wrong_node_logged: false,
+        }
+    }
+
+    /// Folds one input in, logging what was skipped (one line per object).
+    pub fn record(&mut self, input: Input) {
+        match &input {
+            Input::Services(Update::Replace(_)) => self.services_listed = true,
+            Input::Slices(Update::Replace(_)) => self.slices_listed = true,
+            Input::Node(Some(node)) => {
+                let name = node.metadata.name.as_deref().unwrap_or("");
+                if name != self.cfg.node_name {
+                    if !self.wrong_node_logged {
+                        tracing::warn!(node = name, expected = %self.cfg.node_name, "Ignoring Node object for another node");
+                        self.wrong_node_logged = true;
+                    }
+                    return;
+                }
+            }
+            _ => {}
+        }
+        for skipped in self.trackers.record(input) {
+            tracing::warn!("{skipped}");
+        }
+    }
+
+    /// Every source has delivered its first full list.
+    pub fn ready(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+
+    /// A sync would do something.
+    pub fn pending(&self) -> bool {
+        self.ready() && self.trackers.has_pending()
+    }
+
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// Brings the desired state up to date with everything recorded so far.
+    pub fn sync(&mut self) -> SyncReport {
+        let facts = self.trackers.state().node();
+        let mut ctx = NodeContext::new(self.cfg.node_name.clone(), facts);
+        if let Some(ip) = self.cfg.bind_address.filter(|ip| !ip.is_unspecified()) {
+            ctx.node_ips.insert(IpFamily::of(&ip), ip);
+        }
+        let policy = ProxyPolicy::new(self.cfg.masquerade_all, &self.cfg.detect_local, facts);
+        let mut plan = self.trackers.checkout();
+        if self.context.as_ref() != Some(&(ctx.clone(), policy.clone())) {
+            plan.full = true;
+        }
+        update_desired(
+            &mut self.desired,
+            self.trackers.state(),
+            &ctx,
+            &policy,
+            &plan,
+        );
+        self.context = Some((ctx, policy));
+        let ports = self
+            .desired
+            .families
+            .iter()
+            .map(|(f, d)| (*f, d.ports.len()))
+            .collect();
+        SyncReport { plan, ports }
+    }
+}
+
+/// Runs the loop until `shutdown` turns true or every sender is gone. Each sync's report is sent
+/// to `reports` (the data plane's place until it lands; tests count syncs with it).
+pub async fn run(
+    mut state: SyncState,
+    mut inputs: mpsc::Receiver<Input>,
+    mut shutdown: watch::Receiver<bool>,
+    reports: mpsc::UnboundedSender<SyncReport>,
+) -> SyncState {
+    let mut last_sync: Option<Instant> = None;
+    loop {
+        let due = if state.pending() {
+            Some(last_sync.map_or_else(Instant::now, |t| t + state.cfg.min_sync_period))
+        } else {
+            None
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            input = inputs.recv() => match input {
+                Some(input) => {
+                    state.record(input);
+                    // Coalesce whatever else is already queued.
+                    while let Ok(more) = inputs.try_recv() {
+                        state.record(more);
+                    }
+                }
+                None => break,
+            },
+            _ = sleep_until(due), if due.is_some() => {
+                let report = state.sync();
+                last_sync = Some(Instant::now());
+                log_report(&report);
+                let _ = reports.send(report);
+            }
+        }
+    }
+    state
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+fn log_report(r: &SyncReport) {
+    let ports: Vec<String> = r.ports.iter().map(|(f, n)| format!("{f}={n}")).collect();
+    tracing::info!(
+        full = r.plan.full,
+        changed_services = r.plan.changed_services.len(),
+        changed_ports = r.plan.changed_ports.len(),
+        service_ports = %ports.join(","),
+        "Computed desired state (no data plane in this build: nothing programmed)"
+    );
+    for p in &r.plan.changed_ports {
+        tracing::debug!(port = %p, "Service port changed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kpr_testkit::{NODE, service};
+
+    fn cfg() -> SyncConfig {
+        SyncConfig {
+            node_name: NODE.into(),
+            masquerade_all: false,
+            detect_local: DetectLocalMode::ClusterCidr(vec![]),
+            bind_address: None,
+            min_sync_period: Duration::from_secs(1),
+        }
+    }
+
+    fn svc(i: u32) -> k8s_openapi::api::core::v1::Service {
+        service("ns", &format!("s{i}"))
+            .cluster_ip(&format!("172.30.{}.{}", i / 250, i % 250 + 1))
+            .port("p", 80, "TCP")
+            .build()
+    }
+
+    /// §2.1 step 11 (T2.1.1, T2.1.2): no sync until both lists arrived, then exactly one.
+    #[tokio::test(start_paused = true)]
+    async fn t2_1_1_nothing_syncs_before_every_first_list() {
+        let (tx, rx) = mpsc::channel(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let (rtx, mut reports) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(SyncState::new(cfg()), rx, shutdown, rtx));
+        tx.send(Input::Services(Update::Replace(vec![svc(1)])))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(reports.try_recv().is_err(), "T2.1.1: slices not listed yet");
+        tx.send(Input::Slices(Update::Replace(vec![])))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let first = reports.try_recv().unwrap();
+        assert!(first.plan.full);
+        assert_eq!(first.ports, [(IpFamily::V4, 1), (IpFamily::V6, 0)]);
+        assert!(reports.try_recv().is_err(), "T2.1.2: exactly one sync");
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    /// §11 / T11.1: a burst is coalesced, syncs stay min_sync_period apart.
+    #[tokio::test(start_paused = true)]
+    async fn t11_1_a_burst_of_1000_changes_is_coalesced() {
+        let (tx, rx) = mpsc::channel(2048);
+        let (_stop, shutdown) = watch::channel(false);
+        let (rtx, mut reports) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(SyncState::new(cfg()), rx, shutdown, rtx));
+        tx.send(Input::Services(Update::Replace(vec![])))
+            .await
+            .unwrap();
+        tx.send(Input::Slices(Update::Replace(vec![])))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _initial = reports.try_recv().unwrap();
+        for i in 0..1000 {
+            tx.send(Input::Services(Update::Apply(svc(i))))
+                .await
+                .unwrap();
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mut syncs = Vec::new();
+        while let Ok(r) = reports.try_recv() {
+            syncs.push(r);
+        }
+        assert!(
+            (1..=3).contains(&syncs.len()),
+            "{} syncs for 1000 changes",
+            syncs.len()
+        );
+        let changed: usize = syncs.iter().map(|r| r.plan.changed_services.len()).sum();
+        assert_eq!(changed, 1000);
+        drop(tx);
+        let state = task.await.unwrap();
+        assert_eq!(state.desired().families[&IpFamily::V4].ports.len(), 1000);
+    }
+}

@@ -1,0 +1,167 @@
+//! The binary as an operator runs it: configuration errors exit 1 with one clear message,
+//! kubeadm's config.conf is accepted unchanged, `--write-config-to` round-trips, and
+//! `--dry-run` on the example manifests prints the desired state (snapshot) while skipping the
+//! one broken object with one log line.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn kpr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kube-proxy-rs"))
+        .args(args)
+        .current_dir(repo())
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn unsupported_modes_fail_with_one_clear_message_and_exit_1() {
+    for args in [
+        &["--proxy-mode", "ipvs"][..],
+        &["--proxy-mode=kernelspace"][..],
+    ] {
+        let out = kpr(&[args, &["--manifests", "examples/manifests", "--dry-run"]].concat());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("mode") && err.contains("\"iptables\"") && err.contains("\"nftables\""),
+            "{err}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "nothing computed or printed: {}",
+            text(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn a_config_with_mode_bogus_fails_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: bogus\n",
+    )
+    .unwrap();
+    let out = kpr(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--manifests",
+        "examples/manifests",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("KubeProxyConfiguration.mode") && err.contains("bogus"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn kubeadm_config_is_accepted_unchanged_and_write_config_to_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.yaml");
+    let second = dir.path().join("second.yaml");
+    let out = kpr(&[
+        "--config",
+        "examples/kubeadm/config.conf",
+        "--write-config-to",
+        first.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("lenient"),
+        "strict decoding succeeds: {}",
+        text(&out.stderr)
+    );
+    let out = kpr(&[
+        "--config",
+        first.to_str().unwrap(),
+        "--write-config-to",
+        second.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (a, b) = (
+        std::fs::read_to_string(&first).unwrap(),
+        std::fs::read_to_string(&second).unwrap(),
+    );
+    assert_eq!(
+        a, b,
+        "the written configuration reads back to the same values"
+    );
+    assert!(
+        a.contains("clusterCIDR: 10.244.0.0/16") && a.contains("syncPeriod: 30s"),
+        "{a}"
+    );
+
+    let out = kpr(&[
+        "--config",
+        "examples/kubeadm/config.conf",
+        "--hostname-override",
+        "node-a",
+        "--manifests",
+        "examples/manifests",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn version_prints_ours() {
+    let out = kpr(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("kube-proxy-rs v{}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn no_source_is_a_clear_error() {
+    let out = kpr(&["--hostname-override", "node-a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--manifests"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn dry_run_on_the_examples_prints_the_desired_state_and_skips_the_broken_object() {
+    let out = kpr(&[
+        "--manifests",
+        "examples/manifests",
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    let skipped: Vec<&str> = stderr.lines().filter(|l| l.starts_with('W')).collect();
+    assert_eq!(
+        skipped.len(),
+        1,
+        "exactly one warning, for the broken object: {stderr}"
+    );
+    insta::assert_snapshot!("dry_run_examples", stdout);
+}
