@@ -165,3 +165,59 @@ fn dry_run_on_the_examples_prints_the_desired_state_and_skips_the_broken_object(
     );
     insta::assert_snapshot!("dry_run_examples", stdout);
 }
+
+/// The long-running mode follows the manifest directory and stops cleanly on SIGTERM.
+#[test]
+fn running_follows_the_directory_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {clusterIP: 172.30.0.1, ports: [{name: p, port: 80}]}\n";
+    std::fs::write(dir.path().join("a.yaml"), svc).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-proxy-rs"))
+        .args([
+            "--manifests",
+            dir.path().to_str().unwrap(),
+            "--hostname-override",
+            "node-a",
+            "--iptables-min-sync-period",
+            "0s",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut wait_for = |needle: &str| -> String {
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("the process ended before logging {needle:?}");
+    };
+    let first = wait_for("Computed desired state");
+    assert!(
+        first.contains("full=true") && first.contains("IPv4=1"),
+        "{first}"
+    );
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        svc.replace("name: a,", "name: b,")
+            .replace("172.30.0.1", "172.30.0.2"),
+    )
+    .unwrap();
+    let second = wait_for("Computed desired state");
+    assert!(
+        second.contains("full=false")
+            && second.contains("changed_services=1")
+            && second.contains("IPv4=2"),
+        "{second}"
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("Shutting down");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
