@@ -1,0 +1,14 @@
+//! nftables for kube-proxy-rs: typed objects, transactions, and the executors that apply them.
+//!
+//! Backends build a [`Transaction`] of typed operations on typed objects ([`objects`]); an
+//! [`Executor`] applies it atomically (all or nothing). [`Fake`] is as strict as the kernel
+//! (dangling jumps, missing sets or maps, and duplicates are errors; a failed transaction changes
+//! nothing) and dumps its state in `nft list table` form, so tests can compare it with the
+//! kernel. [`NftCli`] drives `nft -f -`. Only executors touch the kernel.
+
+pub mod objects;
+pub mod text;
+pub mod transaction;
+
+pub use objects::*;
+pub use transaction::{Op, Transaction};
