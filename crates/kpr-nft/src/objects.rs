@@ -164,9 +164,17 @@ pub enum Addr {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Match {
     /// `ip saddr 10.0.0.0/8`, `ip daddr != 127.0.0.0/8` (a host address is a /32 or /128).
-    Net { addr: Addr, negate: bool, net: IpNet },
+    Net {
+        addr: Addr,
+        negate: bool,
+        net: IpNet,
+    },
     /// `ip saddr @set`, `ip daddr != @set`.
-    InSet { addr: Addr, negate: bool, set: String },
+    InSet {
+        addr: Addr,
+        negate: bool,
+        set: String,
+    },
     /// `ip saddr != { 203.0.113.0/24, 1.2.3.4 }` (an anonymous interval set, used only for
     /// load-balancer source ranges).
     NotInNets { addr: Addr, nets: Vec<IpNet> },
@@ -177,7 +185,11 @@ pub enum Match {
     /// `fib daddr type local` / `fib saddr type local`.
     FibLocal(Addr),
     /// `iifname "cbr0"`, or with `prefix` `iifname "veth*"`; `negate` for `!=`.
-    IifName { name: String, prefix: bool, negate: bool },
+    IifName {
+        name: String,
+        prefix: bool,
+        negate: bool,
+    },
     /// `meta mark & 0x00004000 == 0x00000000` (the bit is clear).
     MarkClear(u32),
     /// `numgen random mod N == 0`: true with probability 1/N, drawn afresh per rule.
@@ -191,17 +203,25 @@ pub enum Match {
 pub enum Statement {
     /// `ip daddr . meta l4proto . th dport vmap @map` (or `meta l4proto . th dport vmap @map`
     /// for a `ProtoPort` map): the verdict found, if any; no match continues.
-    Vmap { key: KeyType, map: String },
+    Vmap {
+        key: KeyType,
+        map: String,
+    },
     /// `meta mark set meta mark | 0x00004000`.
     MarkOr(u32),
     /// `meta mark set meta mark ^ 0x00004000`.
     MarkXor(u32),
     /// `update @set { ip saddr }` (affinity).
-    UpdateSaddr { set: String },
+    UpdateSaddr {
+        set: String,
+    },
     /// `masquerade fully-random`.
     Masquerade,
     /// `meta l4proto tcp dnat to 10.0.0.2:80` (needs an `L4Proto` match in the rule).
-    Dnat { addr: IpAddr, port: u16 },
+    Dnat {
+        addr: IpAddr,
+        port: u16,
+    },
     /// `reject` (ICMP port unreachable; TCP clients see ECONNREFUSED).
     Reject,
     Verdict(Verdict),
@@ -218,7 +238,12 @@ pub struct Rule {
 
 impl Rule {
     pub fn new(chain: impl Into<String>) -> Rule {
-        Rule { chain: chain.into(), matches: Vec::new(), statements: Vec::new(), comment: None }
+        Rule {
+            chain: chain.into(),
+            matches: Vec::new(),
+            statements: Vec::new(),
+            comment: None,
+        }
     }
 
     pub fn m(mut self, m: Match) -> Rule {

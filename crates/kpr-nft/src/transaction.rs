@@ -32,7 +32,10 @@ pub struct Transaction {
 
 impl Transaction {
     pub fn new(table: Table) -> Transaction {
-        Transaction { table, ops: Vec::new() }
+        Transaction {
+            table,
+            ops: Vec::new(),
+        }
     }
 
     pub fn push(&mut self, op: Op) {
