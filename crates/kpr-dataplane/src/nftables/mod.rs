@@ -1,0 +1,9 @@
+//! The nftables backend: layout and names ([`layout`], [`naming`]), the pure renderer
+//! ([`render`]) and a packet tracer over the typed rules ([`trace`]).
+
+pub mod layout;
+pub mod naming;
+pub mod render;
+pub mod trace;
+
+pub use render::{NftConfig, NodePortAddrs, Rendered, render};

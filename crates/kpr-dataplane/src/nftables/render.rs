@@ -1,0 +1,603 @@
+//! Rendering: desired state + what was committed + plan -> one nftables transaction.
+//!
+//! Pure and deterministic. A full render replaces the whole table atomically (add, delete, add
+//! in one transaction: established connections keep their conntrack NAT mappings). A partial
+//! render touches only the service ports the plan names: their map and set elements are diffed
+//! against the committed copy kept in [`Rendered`] (never listed from the kernel), their chains
+//! are rewritten only when their rules changed, and chains and sets no longer used are flushed
+//! and deleted in the same transaction (kernels since 6.2 release a chain from a deleted map
+//! element within the transaction; this backend requires 6.2 or later for partial syncs).
+
+use super::layout::{self, NodePortMatch, l4};
+use super::naming;
+use ipnet::IpNet;
+use kpr_model::desired::{
+    Endpoint, ExternalAction, FamilyDesired, InternalAction, ServicePortDesired,
+};
+use kpr_model::node::LocalDetector;
+use kpr_model::{IpFamily, ServicePortName, SyncPlan};
+use kpr_nft::{
+    Addr, Chain, Element, Family, Key, KeyType, Match, Op, Rule, Set, Statement, Table,
+    Transaction, Verdict,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+/// Which addresses accept NodePort traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddrs {
+    /// Every local address except loopback.
+    All,
+    /// Exactly these (the `primary` node IPs, or the interface addresses inside the configured
+    /// CIDRs).
+    List(Vec<IpAddr>),
+}
+
+/// Backend settings for one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftConfig {
+    pub family: IpFamily,
+    /// `1 << masqueradeBit`.
+    pub masquerade_mark: u32,
+    pub node_port_addrs: NodePortAddrs,
+}
+
+impl NftConfig {
+    pub fn new(family: IpFamily, masquerade_bit: u8, node_port_addrs: NodePortAddrs) -> NftConfig {
+        NftConfig {
+            family,
+            masquerade_mark: 1u32 << (masquerade_bit.min(31)),
+            node_port_addrs,
+        }
+    }
+
+    /// The table this backend owns.
+    pub fn table(&self) -> Table {
+        let family = match self.family {
+            IpFamily::V4 => Family::Ip,
+            IpFamily::V6 => Family::Ip6,
+        };
+        Table {
+            family,
+            name: layout::TABLE.into(),
+            comment: Some(layout::TABLE_COMMENT.into()),
+        }
+    }
+}
+
+/// The objects one service port contributes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PortObjects {
+    chains: BTreeMap<String, Vec<Rule>>,
+    sets: BTreeSet<Set>,
+    elements: BTreeSet<Element>,
+    cluster_ip: Option<IpAddr>,
+}
+
+/// What the kernel holds after the last successful transaction, as far as this backend knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rendered {
+    ports: BTreeMap<ServicePortName, PortObjects>,
+    /// Which port owns each element key (two Services claiming one externalIP:port: the first
+    /// in name order wins; an element is never added twice).
+    owners: BTreeMap<(String, Key), ServicePortName>,
+    /// ClusterIP reference counts (ports of one Service share it).
+    cluster_ips: BTreeMap<IpAddr, usize>,
+    config: Option<NftConfig>,
+}
+
+impl Rendered {
+    /// Nothing committed yet: the next render is full.
+    pub fn is_empty(&self) -> bool {
+        self.config.is_none()
+    }
+
+    /// Number of service ports rendered.
+    pub fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+}
+
+/// Renders one family. A full render happens when the plan says so, when nothing was committed
+/// yet, or when the backend configuration changed.
+pub fn render(
+    fam: &FamilyDesired,
+    cfg: &NftConfig,
+    prev: &Rendered,
+    plan: &SyncPlan,
+) -> (Transaction, Rendered) {
+    if plan.full || prev.config.as_ref() != Some(cfg) {
+        return render_full(fam, cfg);
+    }
+    let mut next = prev.clone();
+    let mut tx = Transaction::new(cfg.table());
+    let (mut del_elems, mut add_elems) = (Vec::new(), Vec::new());
+    let (mut new_chains, mut rewrite, mut stale_chains) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut new_sets, mut stale_sets) = (Vec::new(), Vec::new());
+    for name in &plan.changed_ports {
+        let old = next.ports.remove(name).unwrap_or_default();
+        next.release(name, &old);
+        let new = fam
+            .ports
+            .get(name)
+            .map(|sp| next.claim(name, build_port(sp, fam)))
+            .unwrap_or_default();
+        del_elems.extend(old.elements.difference(&new.elements).cloned());
+        add_elems.extend(new.elements.difference(&old.elements).cloned());
+        for (chain, rules) in &new.chains {
+            match old.chains.get(chain) {
+                None => {
+                    new_chains.push(chain.clone());
+                    rewrite.push(rules.clone());
+                }
+                Some(r) if r != rules => rewrite.push(rules.clone()),
+                Some(_) => {}
+            }
+        }
+        stale_chains.extend(
+            old.chains
+                .keys()
+                .filter(|c| !new.chains.contains_key(*c))
+                .cloned(),
+        );
+        new_sets.extend(new.sets.difference(&old.sets).cloned());
+        stale_sets.extend(old.sets.difference(&new.sets).map(|s| s.name.clone()));
+        if !new.chains.is_empty() || new.cluster_ip.is_some() {
+            next.ports.insert(name.clone(), new);
+        }
+    }
+    let before: BTreeSet<IpAddr> = prev.cluster_ips.keys().copied().collect();
+    let after: BTreeSet<IpAddr> = next.cluster_ips.keys().copied().collect();
+    del_elems.extend(
+        before
+            .difference(&after)
+            .map(|ip| set_elem(layout::CLUSTER_IPS, Key::Addr(*ip))),
+    );
+    add_elems.extend(
+        after
+            .difference(&before)
+            .map(|ip| set_elem(layout::CLUSTER_IPS, Key::Addr(*ip))),
+    );
+
+    tx.ops.extend(del_elems.into_iter().map(Op::DeleteElement));
+    tx.ops.extend(new_sets.into_iter().map(Op::AddSet));
+    tx.ops.extend(new_chains.into_iter().map(|c| {
+        Op::AddChain(Chain {
+            name: c,
+            base: None,
+            comment: None,
+        })
+    }));
+    for rules in rewrite {
+        if let Some(first) = rules.first() {
+            tx.push(Op::FlushChain(first.chain.clone()));
+        }
+        tx.ops.extend(rules.into_iter().map(Op::AddRule));
+    }
+    tx.ops.extend(add_elems.into_iter().map(Op::AddElement));
+    tx.ops
+        .extend(stale_chains.iter().cloned().map(Op::FlushChain));
+    tx.ops.extend(stale_chains.into_iter().map(Op::DeleteChain));
+    tx.ops.extend(stale_sets.into_iter().map(Op::DeleteSet));
+    (tx, next)
+}
+
+fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) {
+    let table = cfg.table();
+    let mut tx = Transaction::new(table.clone());
+    tx.push(Op::AddTable(table.clone()));
+    tx.push(Op::DeleteTable);
+    tx.push(Op::AddTable(table));
+    let loopback: IpNet = match cfg.family {
+        IpFamily::V4 => "127.0.0.0/8",
+        IpFamily::V6 => "::1/128",
+    }
+    .parse()
+    .unwrap_or_else(|_| IpNet::from(IpAddr::from([127, 0, 0, 1])));
+    let np = match cfg.node_port_addrs {
+        NodePortAddrs::All => NodePortMatch::AllLocal { loopback },
+        NodePortAddrs::List(_) => NodePortMatch::Set,
+    };
+    let (maps, sets) = layout::fixed_maps_and_sets();
+    tx.ops.extend(maps.into_iter().map(Op::AddMap));
+    tx.ops.extend(sets.into_iter().map(Op::AddSet));
+    let fixed = layout::fixed_chains(cfg.masquerade_mark, &np);
+    let base = layout::base_chains();
+    let mut rules = Vec::new();
+    for (chain, r) in fixed.into_iter().chain(base) {
+        tx.push(Op::AddChain(chain));
+        rules.extend(r);
+    }
+    if let NodePortAddrs::List(ips) = &cfg.node_port_addrs {
+        let mut ips: Vec<IpAddr> = ips
+            .iter()
+            .filter(|ip| IpFamily::of(ip) == cfg.family && !ip.is_loopback())
+            .copied()
+            .collect();
+        ips.sort();
+        ips.dedup();
+        tx.ops.extend(
+            ips.into_iter()
+                .map(|ip| Op::AddElement(set_elem(layout::NODEPORT_IPS, Key::Addr(ip)))),
+        );
+    }
+    let mut next = Rendered {
+        config: Some(cfg.clone()),
+        ..Rendered::default()
+    };
+    let mut elements = Vec::new();
+    for (name, sp) in &fam.ports {
+        let objs = next.claim(name, build_port(sp, fam));
+        tx.ops.extend(objs.sets.iter().cloned().map(Op::AddSet));
+        tx.ops.extend(objs.chains.keys().map(|c| {
+            Op::AddChain(Chain {
+                name: c.clone(),
+                base: None,
+                comment: None,
+            })
+        }));
+        rules.extend(objs.chains.values().flatten().cloned());
+        elements.extend(objs.elements.iter().cloned());
+        next.ports.insert(name.clone(), objs);
+    }
+    tx.ops.extend(rules.into_iter().map(Op::AddRule));
+    elements.extend(
+        next.cluster_ips
+            .keys()
+            .map(|ip| set_elem(layout::CLUSTER_IPS, Key::Addr(*ip))),
+    );
+    tx.ops.extend(elements.into_iter().map(Op::AddElement));
+    (tx, next)
+}
+
+impl Rendered {
+    /// Takes ownership of a port's element keys; keys another port owns are dropped from it.
+    fn claim(&mut self, name: &ServicePortName, mut objs: PortObjects) -> PortObjects {
+        objs.elements.retain(|e| {
+            let owner = self
+                .owners
+                .entry((e.set.clone(), e.key))
+                .or_insert_with(|| name.clone());
+            owner == name
+        });
+        if let Some(ip) = objs.cluster_ip {
+            *self.cluster_ips.entry(ip).or_default() += 1;
+        }
+        objs
+    }
+
+    fn release(&mut self, name: &ServicePortName, objs: &PortObjects) {
+        for e in &objs.elements {
+            if self.owners.get(&(e.set.clone(), e.key)) == Some(name) {
+                self.owners.remove(&(e.set.clone(), e.key));
+            }
+        }
+        if let Some(ip) = objs.cluster_ip
+            && let Some(n) = self.cluster_ips.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.cluster_ips.remove(&ip);
+            }
+        }
+    }
+}
+
+fn set_elem(set: &str, key: Key) -> Element {
+    Element {
+        set: set.into(),
+        key,
+        verdict: None,
+        comment: None,
+    }
+}
+
+fn map_elem(map: &str, key: Key, verdict: Verdict, comment: &str) -> Element {
+    Element {
+        set: map.into(),
+        key,
+        verdict: Some(verdict),
+        comment: Some(comment.into()),
+    }
+}
+
+fn goto(chain: &str) -> Statement {
+    Statement::Verdict(Verdict::Goto(chain.into()))
+}
+
+/// The chains, sets and elements of one service port (§4, §5 as decided by the model).
+fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
+    let base = naming::service_base(&sp.name);
+    let comment = sp.name.to_string();
+    let proto = l4(sp.protocol);
+    let svc_chain = naming::chain("service", &base);
+    let local_chain = naming::chain("local", &base);
+    let ext_chain = naming::chain("external", &base);
+    let fw_chain = naming::chain("firewall", &base);
+    let mut o = PortObjects {
+        cluster_ip: Some(sp.cluster_ip),
+        ..PortObjects::default()
+    };
+    let vip = |ip: IpAddr| Key::AddrProtoPort(ip, proto, sp.port);
+
+    // Endpoint chains for the union of both sets.
+    let mut ep_chain = BTreeMap::new();
+    for ep in &sp.endpoints {
+        let ep_base = naming::endpoint_base(&sp.name, ep.addr);
+        let chain = naming::chain("endpoint", &ep_base);
+        let aff = sp
+            .affinity_timeout
+            .map(|t| (naming::chain("affinity", &ep_base), t));
+        let mut rules = vec![
+            Rule::new(&chain)
+                .m(Match::Net {
+                    addr: Addr::Saddr,
+                    negate: false,
+                    net: IpNet::from(ep.addr.ip()),
+                })
+                .s(Statement::Verdict(Verdict::Jump(
+                    layout::MARK_FOR_MASQUERADE.into(),
+                ))),
+        ];
+        if let Some((set, timeout)) = &aff {
+            o.sets.insert(Set {
+                name: set.clone(),
+                key: KeyType::Addr,
+                interval: false,
+                timeout: Some(*timeout),
+                comment: None,
+            });
+            rules.push(Rule::new(&chain).s(Statement::UpdateSaddr { set: set.clone() }));
+        }
+        rules.push(
+            Rule::new(&chain)
+                .m(Match::L4Proto(proto))
+                .s(Statement::Dnat {
+                    addr: ep.addr.ip(),
+                    port: ep.addr.port(),
+                }),
+        );
+        ep_chain.insert(ep.addr, (chain.clone(), aff.map(|a| a.0)));
+        o.chains.insert(chain, rules);
+    }
+
+    // The ClusterIP masquerade rule (§4.9): masqueradeAll, or traffic not from a local pod.
+    let masq_rule = |chain: &str| -> Option<Rule> {
+        let r = Rule::new(chain)
+            .m(Match::Net {
+                addr: Addr::Daddr,
+                negate: false,
+                net: IpNet::from(sp.cluster_ip),
+            })
+            .m(Match::L4Proto(proto))
+            .m(Match::Dport(sp.port));
+        let r = if fam.masquerade_all {
+            r
+        } else {
+            match &fam.detector {
+                LocalDetector::None => return None,
+                LocalDetector::Cidr(net) => r.m(Match::Net {
+                    addr: Addr::Saddr,
+                    negate: true,
+                    net: *net,
+                }),
+                LocalDetector::BridgeInterface(b) => r.m(Match::IifName {
+                    name: b.clone(),
+                    prefix: false,
+                    negate: true,
+                }),
+                LocalDetector::InterfaceNamePrefix(p) => r.m(Match::IifName {
+                    name: p.clone(),
+                    prefix: true,
+                    negate: true,
+                }),
+            }
+        };
+        Some(r.s(Statement::Verdict(Verdict::Jump(
+            layout::MARK_FOR_MASQUERADE.into(),
+        ))))
+    };
+    let pod_match = || -> Option<Match> {
+        match &fam.detector {
+            LocalDetector::None => None,
+            LocalDetector::Cidr(net) => Some(Match::Net {
+                addr: Addr::Saddr,
+                negate: false,
+                net: *net,
+            }),
+            LocalDetector::BridgeInterface(b) => Some(Match::IifName {
+                name: b.clone(),
+                prefix: false,
+                negate: false,
+            }),
+            LocalDetector::InterfaceNamePrefix(p) => Some(Match::IifName {
+                name: p.clone(),
+                prefix: true,
+                negate: false,
+            }),
+        }
+    };
+    // A set chain: affinity checks, then a uniform random pick without any set (§5.3, §5.4).
+    let set_chain = |name: &str, set: &[Endpoint], internal: bool| -> Vec<Rule> {
+        let mut rules = Vec::new();
+        if internal && let Some(r) = masq_rule(name) {
+            rules.push(r);
+        }
+        for ep in set {
+            if let Some((chain, Some(aff))) = ep_chain.get(&ep.addr) {
+                rules.push(
+                    Rule::new(name)
+                        .m(Match::InSet {
+                            addr: Addr::Saddr,
+                            negate: false,
+                            set: aff.clone(),
+                        })
+                        .s(goto(chain)),
+                );
+            }
+        }
+        let n = set.len();
+        for (i, ep) in set.iter().enumerate() {
+            let chain = &ep_chain[&ep.addr].0;
+            let r = Rule::new(name);
+            let r = if i + 1 < n {
+                r.m(Match::RandomOneIn((n - i) as u32))
+            } else {
+                r
+            };
+            rules.push(r.s(goto(chain)));
+        }
+        rules
+    };
+
+    let uses_cluster_internally = sp.internal == InternalAction::Cluster;
+    if !sp.cluster_endpoints.is_empty() {
+        o.chains.insert(
+            svc_chain.clone(),
+            set_chain(&svc_chain, &sp.cluster_endpoints, uses_cluster_internally),
+        );
+    }
+    if !sp.local_endpoints.is_empty() {
+        o.chains.insert(
+            local_chain.clone(),
+            set_chain(
+                &local_chain,
+                &sp.local_endpoints,
+                sp.internal == InternalAction::Local,
+            ),
+        );
+    }
+
+    // ClusterIP.
+    match sp.internal {
+        InternalAction::Cluster => {
+            o.elements.insert(map_elem(
+                layout::SERVICE_IPS,
+                vip(sp.cluster_ip),
+                Verdict::Goto(svc_chain.clone()),
+                &comment,
+            ));
+        }
+        InternalAction::Local => {
+            o.elements.insert(map_elem(
+                layout::SERVICE_IPS,
+                vip(sp.cluster_ip),
+                Verdict::Goto(local_chain.clone()),
+                &comment,
+            ));
+        }
+        InternalAction::Drop => {
+            o.elements.insert(map_elem(
+                layout::SERVICE_IPS,
+                vip(sp.cluster_ip),
+                Verdict::Drop,
+                &comment,
+            ));
+        }
+        InternalAction::Reject => {
+            o.elements.insert(map_elem(
+                layout::NO_ENDPOINT_SERVICES,
+                vip(sp.cluster_ip),
+                Verdict::Goto(layout::REJECT_CHAIN.into()),
+                &comment,
+            ));
+        }
+    }
+
+    // External frontends.
+    let Some(external) = sp.external else {
+        return o;
+    };
+    let ext_ips = sp.external_ips.iter().chain(&sp.load_balancer_ips);
+    if external == ExternalAction::Reject {
+        for ip in ext_ips {
+            o.elements.insert(map_elem(
+                layout::NO_ENDPOINT_SERVICES,
+                vip(*ip),
+                Verdict::Goto(layout::REJECT_CHAIN.into()),
+                &comment,
+            ));
+        }
+        if let Some(np) = sp.node_port {
+            o.elements.insert(map_elem(
+                layout::NO_ENDPOINT_NODEPORTS,
+                Key::ProtoPort(proto, np),
+                Verdict::Goto(layout::REJECT_CHAIN.into()),
+                &comment,
+            ));
+        }
+        return o;
+    }
+    let mut ext_rules = Vec::new();
+    let masq = || Statement::Verdict(Verdict::Jump(layout::MARK_FOR_MASQUERADE.into()));
+    if external == ExternalAction::Cluster {
+        ext_rules.push(Rule::new(&ext_chain).s(masq()));
+        ext_rules.push(Rule::new(&ext_chain).s(goto(&svc_chain)));
+    } else {
+        if let Some(m) = pod_match() {
+            ext_rules.push(
+                Rule::new(&ext_chain)
+                    .m(m)
+                    .s(goto(&svc_chain))
+                    .comment("short-circuit pod traffic"),
+            );
+        }
+        ext_rules.push(
+            Rule::new(&ext_chain)
+                .m(Match::FibLocal(Addr::Saddr))
+                .s(masq())
+                .comment("masquerade local traffic"),
+        );
+        ext_rules.push(
+            Rule::new(&ext_chain)
+                .m(Match::FibLocal(Addr::Saddr))
+                .s(goto(&svc_chain))
+                .comment("short-circuit local traffic"),
+        );
+        if sp.local_endpoints.is_empty() {
+            ext_rules.push(
+                Rule::new(&ext_chain)
+                    .s(Statement::Verdict(Verdict::Drop))
+                    .comment("no local endpoints"),
+            );
+        } else {
+            ext_rules.push(Rule::new(&ext_chain).s(goto(&local_chain)));
+        }
+    }
+    o.chains.insert(ext_chain.clone(), ext_rules);
+    for ip in ext_ips {
+        o.elements.insert(map_elem(
+            layout::SERVICE_IPS,
+            vip(*ip),
+            Verdict::Goto(ext_chain.clone()),
+            &comment,
+        ));
+    }
+    if let Some(np) = sp.node_port {
+        o.elements.insert(map_elem(
+            layout::SERVICE_NODEPORTS,
+            Key::ProtoPort(proto, np),
+            Verdict::Goto(ext_chain.clone()),
+            &comment,
+        ));
+    }
+    // Source ranges for LB IPs (§4.6).
+    if !sp.firewall_allow.is_empty() && !sp.load_balancer_ips.is_empty() {
+        let rule = Rule::new(&fw_chain)
+            .m(Match::NotInNets {
+                addr: Addr::Saddr,
+                nets: sp.firewall_allow.clone(),
+            })
+            .s(Statement::Verdict(Verdict::Drop));
+        o.chains.insert(fw_chain.clone(), vec![rule]);
+        for ip in &sp.load_balancer_ips {
+            o.elements.insert(map_elem(
+                layout::FIREWALL_IPS,
+                vip(*ip),
+                Verdict::Goto(fw_chain.clone()),
+                &comment,
+            ));
+        }
+    }
+    o
+}

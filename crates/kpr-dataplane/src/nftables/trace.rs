@@ -1,0 +1,382 @@
+//! A packet tracer over the typed rules: where does a new connection go?
+//!
+//! Walks the base chains of the hooks a packet traverses, in priority order, evaluating every
+//! match and statement of the typed representation (and failing loudly on nothing: every variant
+//! is understood). Random picks are explored both ways, so the result is the set of possible
+//! outcomes — for a Service, one DNAT per endpoint. Tests compare it with the model's intent
+//! (`kpr_model::intent`), which states what should happen; this says what the rules do.
+
+use kpr_nft::{
+    Addr, Chain, ChainType, Hook, Key, KeyType, L4Proto, Match, Op, Rule, Statement, Transaction,
+    Verdict,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+/// A ruleset the tracer can walk.
+pub trait RulesetView {
+    fn base_chains(&self) -> Vec<Chain>;
+    fn rules(&self, chain: &str) -> &[Rule];
+    fn map_get(&self, map: &str, key: &Key) -> Option<Verdict>;
+    fn set_contains(&self, set: &str, ip: IpAddr) -> bool;
+}
+
+/// A view of the objects a transaction adds (enough for a full render).
+#[derive(Debug, Default)]
+pub struct TxView {
+    chains: BTreeMap<String, Chain>,
+    rules: BTreeMap<String, Vec<Rule>>,
+    elements: BTreeMap<(String, Key), Option<Verdict>>,
+}
+
+impl TxView {
+    /// Collects what a full transaction adds; deletes before the last `AddTable` are ignored.
+    pub fn from_full(tx: &Transaction) -> TxView {
+        let mut v = TxView::default();
+        for op in &tx.ops {
+            match op {
+                Op::DeleteTable => v = TxView::default(),
+                Op::AddChain(c) => {
+                    v.chains.insert(c.name.clone(), c.clone());
+                }
+                Op::AddRule(r) => v.rules.entry(r.chain.clone()).or_default().push(r.clone()),
+                Op::AddElement(e) => {
+                    v.elements.insert((e.set.clone(), e.key), e.verdict.clone());
+                }
+                _ => {}
+            }
+        }
+        v
+    }
+}
+
+impl RulesetView for TxView {
+    fn base_chains(&self) -> Vec<Chain> {
+        self.chains
+            .values()
+            .filter(|c| c.base.is_some())
+            .cloned()
+            .collect()
+    }
+    fn rules(&self, chain: &str) -> &[Rule] {
+        self.rules.get(chain).map_or(&[], Vec::as_slice)
+    }
+    fn map_get(&self, map: &str, key: &Key) -> Option<Verdict> {
+        self.elements
+            .get(&(map.to_owned(), *key))
+            .cloned()
+            .flatten()
+    }
+    fn set_contains(&self, set: &str, ip: IpAddr) -> bool {
+        self.elements.keys().any(|(s, k)| {
+            s == set
+                && match k {
+                    Key::Addr(a) => *a == ip,
+                    Key::Net(n) => n.contains(&ip),
+                    _ => false,
+                }
+        })
+    }
+}
+
+/// A new connection's first packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracePacket {
+    pub src: IpAddr,
+    pub iif: Option<String>,
+    /// Generated on this host (output path).
+    pub from_host: bool,
+    pub dst: IpAddr,
+    pub proto: L4Proto,
+    pub port: u16,
+    /// This host's addresses (for `fib ... type local`).
+    pub local_ips: Vec<IpAddr>,
+}
+
+/// One possible fate of the packet.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Dnat {
+        to: SocketAddr,
+        masquerade: bool,
+    },
+    /// Not rewritten (masquerade only if marked).
+    Pass {
+        masquerade: bool,
+    },
+    Drop,
+    Reject,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    dst: SocketAddr,
+    dnat: bool,
+    mark: u32,
+    masquerade: bool,
+}
+
+enum Flow {
+    /// Fell off the end or returned.
+    Continue,
+    Accept,
+    Drop,
+    Reject,
+}
+
+/// Every possible outcome for the packet.
+pub fn trace(view: &dyn RulesetView, pkt: &TracePacket) -> BTreeSet<Outcome> {
+    let start = State {
+        dst: SocketAddr::new(pkt.dst, pkt.port),
+        dnat: false,
+        mark: 0,
+        masquerade: false,
+    };
+    let first: &[Hook] = if pkt.from_host {
+        &[Hook::Output]
+    } else {
+        &[Hook::Prerouting]
+    };
+    let mut out = BTreeSet::new();
+    for st in run_hooks(view, pkt, first, start) {
+        let Ok(st) = st else {
+            out.insert(st.err().unwrap_or(Outcome::Drop));
+            continue;
+        };
+        // Routing decision after DNAT: local destination -> input, otherwise forward.
+        // Locally generated packets to a local address come back in through input.
+        let local = pkt.local_ips.contains(&st.dst.ip());
+        let second: &[Hook] = if pkt.from_host && local {
+            &[Hook::Postrouting, Hook::Input]
+        } else if pkt.from_host {
+            &[Hook::Postrouting]
+        } else if local {
+            &[Hook::Input]
+        } else {
+            &[Hook::Forward, Hook::Postrouting]
+        };
+        for st in run_hooks(view, pkt, second, st) {
+            out.insert(match st {
+                Err(o) => o,
+                Ok(s) if s.dnat => Outcome::Dnat {
+                    to: s.dst,
+                    masquerade: s.masquerade,
+                },
+                Ok(s) => Outcome::Pass {
+                    masquerade: s.masquerade,
+                },
+            });
+        }
+    }
+    out
+}
+
+fn run_hooks(
+    view: &dyn RulesetView,
+    pkt: &TracePacket,
+    hooks: &[Hook],
+    st: State,
+) -> Vec<Result<State, Outcome>> {
+    let mut chains: Vec<Chain> = view
+        .base_chains()
+        .into_iter()
+        .filter(|c| c.base.is_some_and(|b| hooks.contains(&b.hook)))
+        .collect();
+    chains.sort_by_key(|c| {
+        c.base.map(|b| {
+            (
+                hooks.iter().position(|h| *h == b.hook),
+                b.priority,
+                b.chain_type == ChainType::Filter,
+            )
+        })
+    });
+    let mut states = vec![Ok(st)];
+    for chain in chains {
+        let mut next = Vec::new();
+        for s in states {
+            let Ok(s) = s else {
+                next.push(s);
+                continue;
+            };
+            for (s, flow) in eval_chain(view, pkt, &chain.name, s, 0) {
+                next.push(match flow {
+                    Flow::Drop => Err(Outcome::Drop),
+                    Flow::Reject => Err(Outcome::Reject),
+                    Flow::Continue | Flow::Accept => Ok(s),
+                });
+            }
+        }
+        states = next;
+    }
+    states
+}
+
+fn eval_chain(
+    view: &dyn RulesetView,
+    pkt: &TracePacket,
+    chain: &str,
+    st: State,
+    depth: usize,
+) -> Vec<(State, Flow)> {
+    assert!(depth < 64, "chain recursion too deep at {chain}");
+    eval_rules(view, pkt, view.rules(chain), 0, st, depth)
+}
+
+fn eval_rules(
+    view: &dyn RulesetView,
+    pkt: &TracePacket,
+    rules: &[Rule],
+    i: usize,
+    st: State,
+    depth: usize,
+) -> Vec<(State, Flow)> {
+    let Some(rule) = rules.get(i) else {
+        return vec![(st, Flow::Continue)];
+    };
+    let mut out = Vec::new();
+    for (st, matched) in eval_matches(view, pkt, &rule.matches, st) {
+        if !matched {
+            out.extend(eval_rules(view, pkt, rules, i + 1, st, depth));
+            continue;
+        }
+        for (st, flow) in exec(view, pkt, &rule.statements, st, depth) {
+            match flow {
+                None => out.extend(eval_rules(view, pkt, rules, i + 1, st, depth)),
+                Some(f) => out.push((st, f)),
+            }
+        }
+    }
+    out
+}
+
+/// Evaluates a rule's matches; random matches fork.
+fn eval_matches(
+    view: &dyn RulesetView,
+    pkt: &TracePacket,
+    matches: &[Match],
+    st: State,
+) -> Vec<(State, bool)> {
+    let mut branches = vec![(st, true)];
+    for m in matches {
+        let mut next = Vec::new();
+        for (st, ok) in branches {
+            if !ok {
+                next.push((st, false));
+                continue;
+            }
+            let addr = |a: &Addr| {
+                if *a == Addr::Saddr {
+                    pkt.src
+                } else {
+                    st.dst.ip()
+                }
+            };
+            let result = match m {
+                Match::Net {
+                    addr: a,
+                    negate,
+                    net,
+                } => net.contains(&addr(a)) != *negate,
+                Match::InSet {
+                    addr: a,
+                    negate,
+                    set,
+                } => view.set_contains(set, addr(a)) != *negate,
+                Match::NotInNets { addr: a, nets } => !nets.iter().any(|n| n.contains(&addr(a))),
+                Match::L4Proto(p) => *p == pkt.proto,
+                Match::Dport(p) => *p == st.dst.port(),
+                Match::FibLocal(a) => pkt.local_ips.contains(&addr(a)),
+                Match::IifName {
+                    name,
+                    prefix,
+                    negate,
+                } => {
+                    let hit = pkt.iif.as_deref().is_some_and(|i| {
+                        if *prefix {
+                            i.starts_with(name.as_str())
+                        } else {
+                            i == name
+                        }
+                    });
+                    hit != *negate
+                }
+                Match::MarkClear(bit) => st.mark & bit == 0,
+                Match::CtStateNew => true,
+                Match::RandomOneIn(n) => {
+                    if *n > 1 {
+                        next.push((st.clone(), false));
+                    }
+                    true
+                }
+            };
+            next.push((st, result));
+        }
+        branches = next;
+    }
+    branches
+}
+
+/// Runs statements; `None` flow means "continue with the next rule".
+fn exec(
+    view: &dyn RulesetView,
+    pkt: &TracePacket,
+    stmts: &[Statement],
+    st: State,
+    depth: usize,
+) -> Vec<(State, Option<Flow>)> {
+    let Some((first, rest)) = stmts.split_first() else {
+        return vec![(st, None)];
+    };
+    let mut st = st;
+    let verdict = match first {
+        Statement::Vmap { key, map } => {
+            let k = match key {
+                KeyType::AddrProtoPort => Key::AddrProtoPort(st.dst.ip(), pkt.proto, st.dst.port()),
+                KeyType::ProtoPort => Key::ProtoPort(pkt.proto, st.dst.port()),
+                KeyType::Addr => Key::Addr(st.dst.ip()),
+            };
+            match view.map_get(map, &k) {
+                Some(v) => v,
+                None => return vec![(st, None)],
+            }
+        }
+        Statement::MarkOr(b) => {
+            st.mark |= b;
+            return exec(view, pkt, rest, st, depth);
+        }
+        Statement::MarkXor(b) => {
+            st.mark ^= b;
+            return exec(view, pkt, rest, st, depth);
+        }
+        Statement::UpdateSaddr { .. } => return exec(view, pkt, rest, st, depth),
+        Statement::Masquerade => {
+            st.masquerade = true;
+            return vec![(st, Some(Flow::Accept))];
+        }
+        Statement::Dnat { addr, port } => {
+            st.dst = SocketAddr::new(*addr, *port);
+            st.dnat = true;
+            return vec![(st, Some(Flow::Accept))];
+        }
+        Statement::Reject => return vec![(st, Some(Flow::Reject))],
+        Statement::Verdict(v) => v.clone(),
+    };
+    match verdict {
+        Verdict::Accept => vec![(st, Some(Flow::Accept))],
+        Verdict::Drop => vec![(st, Some(Flow::Drop))],
+        Verdict::Return => vec![(st, Some(Flow::Continue))],
+        Verdict::Jump(c) => eval_chain(view, pkt, &c, st, depth + 1)
+            .into_iter()
+            .flat_map(|(s, f)| match f {
+                Flow::Continue => exec(view, pkt, rest, s, depth),
+                f => vec![(s, Some(f))],
+            })
+            .collect(),
+        // A goto'd chain that ends returns to this chain's caller.
+        Verdict::Goto(c) => eval_chain(view, pkt, &c, st, depth + 1)
+            .into_iter()
+            .map(|(s, f)| (s, Some(f)))
+            .collect(),
+    }
+}

@@ -1,0 +1,322 @@
+//! The nftables rules do what the model intends: every behaviour-reference case of §4 and §5,
+//! traced through the rendered typed rules, gives exactly the model's intent (DNAT targets with
+//! masquerade, DROP, REJECT, PASS). Plus a property: for random clusters and packets, the
+//! tracer over the rules agrees with the model.
+#![allow(clippy::unwrap_used)]
+
+use kpr_dataplane::nftables::trace::{Outcome, TracePacket, TxView, trace};
+use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, render};
+use kpr_model::intent::{HostView, Intent, Packet, intent};
+use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
+use kpr_model::{Input, IpFamily, Protocol, SyncPlan, Trackers, Update, desired};
+use kpr_testkit::*;
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+struct H {
+    t: Trackers,
+    mode: DetectLocalMode,
+    masquerade_all: bool,
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+impl H {
+    fn new() -> H {
+        H {
+            t: Trackers::new(),
+            mode: DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]),
+            masquerade_all: false,
+        }
+    }
+    fn svc(&mut self, s: ServiceBuilder) -> &mut Self {
+        assert!(
+            self.t
+                .record(Input::Services(Update::Apply(s.build())))
+                .is_empty()
+        );
+        self
+    }
+    fn slice(&mut self, s: SliceBuilder) -> &mut Self {
+        assert!(
+            self.t
+                .record(Input::Slices(Update::Apply(s.build())))
+                .is_empty()
+        );
+        self
+    }
+    fn local_ips() -> Vec<IpAddr> {
+        vec![ip(NODE_IP), ip("127.0.0.1"), ip("192.168.1.2")]
+    }
+    /// Checks one packet: the rules' outcomes equal the model's intent.
+    fn check(
+        &self,
+        src: &str,
+        iif: Option<&str>,
+        from_host: bool,
+        dst: &str,
+        port: u16,
+        proto: Protocol,
+    ) -> BTreeSet<Outcome> {
+        let node = self.t.state().node();
+        let ctx = NodeContext::new(NODE, node);
+        let policy = ProxyPolicy::new(self.masquerade_all, &self.mode, node);
+        let d = desired(self.t.state(), &ctx, &policy);
+        let fam = &d.families[&IpFamily::V4];
+        let cfg = NftConfig::new(IpFamily::V4, 14, NodePortAddrs::List(vec![ip(NODE_IP)]));
+        let (tx, _) = render(
+            fam,
+            &cfg,
+            &Rendered::default(),
+            &SyncPlan {
+                full: true,
+                ..SyncPlan::default()
+            },
+        );
+        let view = TxView::from_full(&tx);
+        let proto_nft = kpr_dataplane::nftables::layout::l4(proto);
+        let pkt = TracePacket {
+            src: ip(src),
+            iif: iif.map(str::to_owned),
+            from_host,
+            dst: ip(dst),
+            proto: proto_nft,
+            port,
+            local_ips: H::local_ips(),
+        };
+        let got = trace(&view, &pkt);
+        let host = HostView {
+            node_port_ips: Some(vec![ip(NODE_IP)]),
+            local_ips: H::local_ips(),
+            reject_unknown_cluster_ports: true,
+        };
+        let want = intent(
+            fam,
+            &host,
+            &Packet {
+                src: ip(src),
+                iif: iif.map(str::to_owned),
+                from_host,
+                dst: ip(dst),
+                protocol: proto,
+                port,
+            },
+        );
+        let want: BTreeSet<Outcome> = match want {
+            Intent::Dnat(ts) => ts
+                .into_iter()
+                .map(|t| Outcome::Dnat {
+                    to: t.addr,
+                    masquerade: t.masquerade,
+                })
+                .collect(),
+            Intent::Drop => [Outcome::Drop].into(),
+            Intent::Reject => [Outcome::Reject].into(),
+            Intent::Pass => [Outcome::Pass { masquerade: false }].into(),
+        };
+        assert_eq!(got, want, "{src} -> {dst}:{port}/{proto}");
+        got
+    }
+}
+
+fn dnat(eps: &[&str], masquerade: bool) -> BTreeSet<Outcome> {
+    eps.iter()
+        .map(|e| Outcome::Dnat {
+            to: e.parse().unwrap(),
+            masquerade,
+        })
+        .collect()
+}
+
+const CIP: &str = "172.30.0.41";
+
+fn lb_local() -> ServiceBuilder {
+    service("ns", "svc")
+        .cluster_ip(CIP)
+        .lb(LB_IP, None)
+        .etp_local()
+        .node_port("p80", 80, "TCP", 3001)
+        .health_check_node_port(30000)
+}
+
+fn eps(local: bool, remote: bool) -> SliceBuilder {
+    let mut s = slice("ns", "svc", "a").port("p80", 8080, "TCP");
+    if local {
+        s = s.ready("10.0.0.2", NODE);
+    }
+    if remote {
+        s = s.ready("10.0.1.2", OTHER_NODE);
+    }
+    s
+}
+
+#[test]
+fn t4_1_cluster_ip_pods_hosts_and_unknown_ports() {
+    let mut h = H::new();
+    h.svc(service("ns", "svc").cluster_ip(CIP).port("p80", 80, "TCP"))
+        .slice(eps(true, true));
+    assert_eq!(
+        h.check(POD, Some("veth1"), false, CIP, 80, Protocol::Tcp),
+        dnat(&["10.0.0.2:8080", "10.0.1.2:8080"], false)
+    );
+    h.check(NODE_IP, None, true, CIP, 80, Protocol::Tcp);
+    h.check("10.0.0.2", Some("veth2"), false, CIP, 80, Protocol::Tcp); // hairpin
+    assert_eq!(
+        h.check(POD, Some("veth1"), false, CIP, 81, Protocol::Tcp),
+        [Outcome::Reject].into()
+    );
+    h.check(NODE_IP, None, true, CIP, 81, Protocol::Tcp);
+    h.masquerade_all = true;
+    h.check(POD, Some("veth1"), false, CIP, 80, Protocol::Tcp);
+}
+
+#[test]
+fn t4_2_etp_local_cases() {
+    for (local, remote) in [(true, true), (false, true), (false, false)] {
+        let mut h = H::new();
+        h.svc(lb_local()).slice(eps(local, remote));
+        for dst in [(LB_IP, 80), (NODE_IP, 3001)] {
+            h.check(
+                EXTERNAL_CLIENT,
+                Some("eth0"),
+                false,
+                dst.0,
+                dst.1,
+                Protocol::Tcp,
+            );
+            h.check(POD, Some("veth1"), false, dst.0, dst.1, Protocol::Tcp);
+            h.check(NODE_IP, None, true, dst.0, dst.1, Protocol::Tcp);
+        }
+        h.mode = DetectLocalMode::ClusterCidr(vec![]);
+        h.check(POD, Some("veth1"), false, LB_IP, 80, Protocol::Tcp);
+    }
+}
+
+#[test]
+fn t4_3_itp_local_and_t4_8_no_endpoints() {
+    for (local, remote) in [(true, true), (false, true), (false, false)] {
+        let mut h = H::new();
+        h.svc(
+            service("ns", "svc")
+                .cluster_ip(CIP)
+                .external_ip(EXTERNAL_IP)
+                .itp_local()
+                .node_port("p80", 80, "TCP", 3001),
+        )
+        .slice(eps(local, remote));
+        for (dst, port) in [(CIP, 80), (EXTERNAL_IP, 80), (NODE_IP, 3001)] {
+            h.check(POD, Some("veth1"), false, dst, port, Protocol::Tcp);
+            h.check(
+                EXTERNAL_CLIENT,
+                Some("eth0"),
+                false,
+                dst,
+                port,
+                Protocol::Tcp,
+            );
+            h.check(NODE_IP, None, true, dst, port, Protocol::Tcp);
+        }
+    }
+}
+
+#[test]
+fn t4_4_node_ports_only_on_accepted_addresses() {
+    let mut h = H::new();
+    h.svc(
+        service("ns", "svc")
+            .cluster_ip(CIP)
+            .node_port("p80", 80, "UDP", 3001),
+    )
+    .slice(
+        slice("ns", "svc", "a")
+            .port("p80", 53, "UDP")
+            .ready("10.0.1.2", OTHER_NODE),
+    );
+    assert_eq!(
+        h.check(
+            EXTERNAL_CLIENT,
+            Some("eth0"),
+            false,
+            NODE_IP,
+            3001,
+            Protocol::Udp
+        ),
+        dnat(&["10.0.1.2:53"], true)
+    );
+    assert_eq!(
+        h.check(
+            EXTERNAL_CLIENT,
+            Some("eth0"),
+            false,
+            "192.168.1.2",
+            3001,
+            Protocol::Udp
+        ),
+        [Outcome::Pass { masquerade: false }].into()
+    );
+    h.check(
+        EXTERNAL_CLIENT,
+        Some("eth0"),
+        false,
+        NODE_IP,
+        3001,
+        Protocol::Tcp,
+    );
+}
+
+#[test]
+fn t4_6_source_ranges() {
+    let mut h = H::new();
+    h.svc(
+        service("ns", "svc")
+            .cluster_ip(CIP)
+            .lb(LB_IP, None)
+            .source_range("192.0.2.0/24")
+            .node_port("p80", 80, "TCP", 3001),
+    )
+    .slice(eps(true, false));
+    assert_eq!(
+        h.check(
+            "198.51.100.7",
+            Some("eth0"),
+            false,
+            LB_IP,
+            80,
+            Protocol::Tcp
+        ),
+        [Outcome::Drop].into()
+    );
+    h.check("192.0.2.9", Some("eth0"), false, LB_IP, 80, Protocol::Tcp);
+    h.check(
+        "198.51.100.7",
+        Some("eth0"),
+        false,
+        NODE_IP,
+        3001,
+        Protocol::Tcp,
+    );
+    h.check(POD, Some("veth1"), false, LB_IP, 80, Protocol::Tcp);
+}
+
+#[test]
+fn t5_terminating_topology_and_affinity() {
+    let mut h = H::new();
+    h.svc(
+        service("ns", "svc")
+            .cluster_ip(CIP)
+            .port("p80", 80, "TCP")
+            .affinity(Some(30)),
+    );
+    h.slice(
+        slice("ns", "svc", "a")
+            .port("p80", 8080, "TCP")
+            .terminating("10.0.1.1", OTHER_NODE)
+            .terminating("10.0.0.1", NODE),
+    );
+    assert_eq!(
+        h.check(POD, Some("veth1"), false, CIP, 80, Protocol::Tcp),
+        dnat(&["10.0.0.1:8080", "10.0.1.1:8080"], false)
+    );
+}
