@@ -320,3 +320,94 @@ fn t5_terminating_topology_and_affinity() {
         dnat(&["10.0.0.1:8080", "10.0.1.1:8080"], false)
     );
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn svc(id: u8, v: u8) -> ServiceBuilder {
+        let mut b = service("ns", &format!("s{id}")).cluster_ip(&format!("172.30.0.{}", id + 1));
+        b = if v & 1 == 1 {
+            b.node_port("p", 80, "TCP", 3000 + i32::from(id))
+        } else {
+            b.port("p", 80, "TCP")
+        };
+        b = b.port("u", 53, "UDP");
+        if v & 2 == 2 {
+            b = b
+                .lb(&format!("1.2.3.{}", id + 1), None)
+                .node_port("q", 81, "TCP", 3100 + i32::from(id))
+                .health_check_node_port(31000);
+        }
+        if v & 4 == 4 {
+            b = b.etp_local();
+        }
+        if v & 8 == 8 {
+            b = b.itp_local();
+        }
+        if v & 16 == 16 {
+            b = b.external_ip(&format!("192.168.99.{}", id + 1));
+        }
+        if v & 32 == 32 {
+            b = b.source_range("203.0.113.0/25");
+        }
+        if v & 64 == 64 {
+            b = b.affinity(Some(60));
+        }
+        b
+    }
+
+    fn eps(id: u8, e: &[(u8, u8)]) -> SliceBuilder {
+        let mut s = slice("ns", &format!("s{id}"), "a")
+            .port("p", 8080, "TCP")
+            .port("q", 8081, "TCP")
+            .port("u", 5353, "UDP");
+        for (i, st) in e {
+            let addr = format!("10.0.{}.{}", i % 2, i + 10);
+            let node = if i % 2 == 0 { NODE } else { OTHER_NODE };
+            s = match st % 3 {
+                0 => s.ready(&addr, node),
+                1 => s.terminating(&addr, node),
+                _ => s.endpoint(&addr, node, Some(false), Some(false), Some(false)),
+            };
+        }
+        s
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// For random Services and packets, the rendered rules agree with the model's intent.
+        #[test]
+        fn rules_agree_with_intent(
+            services in prop::collection::vec((0u8..4, 0u8..128, prop::collection::vec((0u8..5, 0u8..3), 0..4)), 1..4),
+            detector in 0u8..3,
+            masquerade_all in any::<bool>(),
+        ) {
+            let mut h = H::new();
+            h.masquerade_all = masquerade_all;
+            h.mode = match detector {
+                0 => DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]),
+                1 => DetectLocalMode::ClusterCidr(vec![]),
+                _ => DetectLocalMode::InterfaceNamePrefix("veth".into()),
+            };
+            for (id, v, e) in &services {
+                h.svc(svc(*id, *v)).slice(eps(*id, e));
+            }
+            let sources = [(POD, Some("veth1"), false), (EXTERNAL_CLIENT, Some("eth0"), false), ("203.0.113.200", Some("eth0"), false), (NODE_IP, None, true), ("10.0.0.10", Some("veth9"), false)];
+            for (id, _, _) in &services {
+                let dsts = [
+                    (format!("172.30.0.{}", id + 1), 80), (format!("172.30.0.{}", id + 1), 53), (format!("172.30.0.{}", id + 1), 99),
+                    (format!("1.2.3.{}", id + 1), 81), (format!("192.168.99.{}", id + 1), 80),
+                    (NODE_IP.to_owned(), 3000 + u16::from(*id)), (NODE_IP.to_owned(), 3100 + u16::from(*id)), ("192.168.1.2".to_owned(), 3000 + u16::from(*id)),
+                ];
+                for (src, iif, host) in sources {
+                    for (dst, port) in &dsts {
+                        let proto = if *port == 53 { Protocol::Udp } else { Protocol::Tcp };
+                        h.check(src, iif, host, dst, *port, proto);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -508,6 +508,25 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
     let Some(external) = sp.external else {
         return o;
     };
+    // Source ranges for LB IPs (§4.6), whether or not endpoints exist: disallowed sources are
+    // dropped before they could learn anything from a REJECT.
+    if !sp.firewall_allow.is_empty() && !sp.load_balancer_ips.is_empty() {
+        let rule = Rule::new(&fw_chain)
+            .m(Match::NotInNets {
+                addr: Addr::Saddr,
+                nets: sp.firewall_allow.clone(),
+            })
+            .s(Statement::Verdict(Verdict::Drop));
+        o.chains.insert(fw_chain.clone(), vec![rule]);
+        for ip in &sp.load_balancer_ips {
+            o.elements.insert(map_elem(
+                layout::FIREWALL_IPS,
+                vip(*ip),
+                Verdict::Goto(fw_chain.clone()),
+                &comment,
+            ));
+        }
+    }
     let ext_ips = sp.external_ips.iter().chain(&sp.load_balancer_ips);
     if external == ExternalAction::Reject {
         for ip in ext_ips {
@@ -580,24 +599,6 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
             Verdict::Goto(ext_chain.clone()),
             &comment,
         ));
-    }
-    // Source ranges for LB IPs (§4.6).
-    if !sp.firewall_allow.is_empty() && !sp.load_balancer_ips.is_empty() {
-        let rule = Rule::new(&fw_chain)
-            .m(Match::NotInNets {
-                addr: Addr::Saddr,
-                nets: sp.firewall_allow.clone(),
-            })
-            .s(Statement::Verdict(Verdict::Drop));
-        o.chains.insert(fw_chain.clone(), vec![rule]);
-        for ip in &sp.load_balancer_ips {
-            o.elements.insert(map_elem(
-                layout::FIREWALL_IPS,
-                vip(*ip),
-                Verdict::Goto(fw_chain.clone()),
-                &comment,
-            ));
-        }
     }
     o
 }
