@@ -2,9 +2,10 @@
 //! `--dry-run` or the long-running sync loop. Exit codes follow upstream: 0 on success, 1 on a
 //! configuration error (nothing is programmed then).
 
+use crate::dataplane::{Dataplane, ruleset_text};
 use crate::sync::{SyncConfig, SyncState};
 use crate::{logging, report, sync};
-use kpr_config::{DetectLocal, Flags, ProxyConfig, Resolved, resolve, to_yaml};
+use kpr_config::{DetectLocal, Flags, ProxyConfig, ProxyMode, Resolved, resolve, to_yaml};
 use kpr_model::node::DetectLocalMode;
 use std::path::Path;
 use std::process::ExitCode;
@@ -71,10 +72,27 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     if proxy.dry_run {
         return dry_run(cfg, dir, proxy);
     }
+    let mut state = SyncState::new(cfg);
+    match proxy.mode {
+        ProxyMode::Nftables => {
+            let mut plane = Dataplane::new(
+                Box::new(kpr_nft::NftCli::default()),
+                proxy.masquerade_bit,
+                proxy.node_port_addresses.clone(),
+            );
+            plane.remove_upstream_tables();
+            state = state.with_dataplane(plane);
+        }
+        ProxyMode::Iptables => {
+            tracing::warn!(
+                "The iptables data plane is not built yet: computing the desired state only, programming nothing (use --proxy-mode nftables)"
+            );
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(cfg, dir.to_owned()))
+    rt.block_on(serve(state, dir.to_owned()))
 }
 
 /// `--dry-run`: read the directory once, compute, print the report, exit.
@@ -84,7 +102,7 @@ fn dry_run(cfg: SyncConfig, dir: &Path, proxy: &ProxyConfig) -> anyhow::Result<(
         tracing::warn!("{p}");
     }
     let node = cfg.node_name.clone();
-    let mut state = SyncState::new(cfg);
+    let mut state = SyncState::new(cfg.clone());
     for input in snapshot.into_inputs() {
         state.record(input);
     }
@@ -96,11 +114,24 @@ fn dry_run(cfg: SyncConfig, dir: &Path, proxy: &ProxyConfig) -> anyhow::Result<(
     );
     println!("# the desired state per service port (nothing is programmed)\n");
     print!("{}", report::render(state.desired()));
+    if proxy.mode == ProxyMode::Nftables {
+        let ctx = state.node_context();
+        println!("# the nftables ruleset this produces (as `nft list table` shows it)\n");
+        print!(
+            "{}",
+            ruleset_text(
+                state.desired(),
+                proxy.masquerade_bit,
+                &proxy.node_port_addresses,
+                &ctx
+            )
+        );
+    }
     Ok(())
 }
 
 /// The long-running mode: follow the directory, sync on changes, stop on SIGTERM/SIGINT.
-async fn serve(cfg: SyncConfig, dir: std::path::PathBuf) -> anyhow::Result<()> {
+async fn serve(state: SyncState, dir: std::path::PathBuf) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
     let (stop, shutdown) = watch::channel(false);
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
@@ -110,7 +141,7 @@ async fn serve(cfg: SyncConfig, dir: std::path::PathBuf) -> anyhow::Result<()> {
         shutdown.clone(),
         kpr_watch::DEFAULT_POLL_INTERVAL,
     ));
-    let looper = tokio::spawn(sync::run(SyncState::new(cfg), rx, shutdown, reports_tx));
+    let looper = tokio::spawn(sync::run(state, rx, shutdown, reports_tx));
     let drain = tokio::spawn(async move { while reports.recv().await.is_some() {} });
     wait_for_signal().await?;
     tracing::info!("Shutting down");
@@ -157,6 +188,7 @@ fn sync_config(proxy: &ProxyConfig) -> anyhow::Result<SyncConfig> {
         detect_local,
         bind_address: Some(proxy.bind_address),
         min_sync_period: proxy.min_sync_period,
+        sync_period: proxy.sync_period,
     })
 }
 

@@ -2,6 +2,7 @@
 //! thin `main` over [`app::main`]; the modules are a library so tests can drive them.
 
 pub mod app;
+pub mod dataplane;
 pub mod logging;
 pub mod report;
 pub mod sync;

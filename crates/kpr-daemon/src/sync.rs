@@ -5,6 +5,7 @@
 //! after that, bursts are coalesced and syncs are at least `min_sync_period` apart (§11). Until
 //! the data plane lands (issue 3) a sync computes the desired state and reports it.
 
+use crate::dataplane::Dataplane;
 use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
 use kpr_model::{DesiredState, Input, IpFamily, SyncPlan, Trackers, Update, update_desired};
 use std::net::IpAddr;
@@ -22,6 +23,8 @@ pub struct SyncConfig {
     /// A non-unspecified `bindAddress` overrides the node IP of its family (§2.2).
     pub bind_address: Option<IpAddr>,
     pub min_sync_period: Duration,
+    /// Periodic full resync (and, with a data plane, the retry delay cap).
+    pub sync_period: Duration,
 }
 
 /// The result of one sync, for logging and (later) metrics.
@@ -30,6 +33,8 @@ pub struct SyncReport {
     pub plan: SyncPlan,
     /// Service ports per family after the sync.
     pub ports: Vec<(IpFamily, usize)>,
+    /// The data plane's result (`None` without a data plane).
+    pub applied: Option<Result<crate::dataplane::ApplyReport, String>>,
 }
 
 /// All state the loop owns.
@@ -42,6 +47,9 @@ pub struct SyncState {
     services_listed: bool,
     slices_listed: bool,
     wrong_node_logged: bool,
+    dataplane: Option<Dataplane>,
+    /// The last sync failed, or a repair or periodic resync is due: sync even without changes.
+    force: bool,
 }
 
 impl SyncState {
@@ -54,7 +62,26 @@ impl SyncState {
             services_listed: false,
             slices_listed: false,
             wrong_node_logged: false,
+            dataplane: None,
+            force: false,
         }
+    }
+
+    /// Programs the kernel through this data plane on every sync.
+    pub fn with_dataplane(mut self, dataplane: Dataplane) -> SyncState {
+        self.dataplane = Some(dataplane);
+        self
+    }
+
+    /// Makes the next sync a full one, even without changes (periodic resync, repair).
+    pub fn force_full(&mut self) {
+        self.trackers.request_full();
+        self.force = true;
+    }
+
+    /// Whether the data plane's tables are still intact (always true without one).
+    pub fn verify(&mut self) -> bool {
+        self.dataplane.as_mut().is_none_or(Dataplane::verify)
     }
 
     /// Folds one input in, logging what was skipped (one line per object).
@@ -86,20 +113,27 @@ impl SyncState {
 
     /// A sync would do something.
     pub fn pending(&self) -> bool {
-        self.ready() && self.trackers.has_pending()
+        self.ready() && (self.force || self.trackers.has_pending())
     }
 
     pub fn desired(&self) -> &DesiredState {
         &self.desired
     }
 
-    /// Brings the desired state up to date with everything recorded so far.
-    pub fn sync(&mut self) -> SyncReport {
-        let facts = self.trackers.state().node();
-        let mut ctx = NodeContext::new(self.cfg.node_name.clone(), facts);
+    /// This node as the model sees it now (§2.2: a non-unspecified bindAddress overrides the
+    /// node IP of its family).
+    pub fn node_context(&self) -> NodeContext {
+        let mut ctx = NodeContext::new(self.cfg.node_name.clone(), self.trackers.state().node());
         if let Some(ip) = self.cfg.bind_address.filter(|ip| !ip.is_unspecified()) {
             ctx.node_ips.insert(IpFamily::of(&ip), ip);
         }
+        ctx
+    }
+
+    /// Brings the desired state up to date with everything recorded so far.
+    pub fn sync(&mut self) -> SyncReport {
+        let facts = self.trackers.state().node();
+        let ctx = self.node_context();
         let policy = ProxyPolicy::new(self.cfg.masquerade_all, &self.cfg.detect_local, facts);
         let mut plan = self.trackers.checkout();
         if self.context.as_ref() != Some(&(ctx.clone(), policy.clone())) {
@@ -112,6 +146,15 @@ impl SyncState {
             &policy,
             &plan,
         );
+        let applied = self
+            .dataplane
+            .as_mut()
+            .map(|d| d.sync(&self.desired, &plan, &ctx));
+        self.force = false;
+        if let Some(Err(_)) = &applied {
+            // Retry as a full sync (§11); the failed family's committed copy is already gone.
+            self.force_full();
+        }
         self.context = Some((ctx, policy));
         let ports = self
             .desired
@@ -119,7 +162,11 @@ impl SyncState {
             .iter()
             .map(|(f, d)| (*f, d.ports.len()))
             .collect();
-        SyncReport { plan, ports }
+        SyncReport {
+            plan,
+            ports,
+            applied,
+        }
     }
 }
 
@@ -132,15 +179,31 @@ pub async fn run(
     reports: mpsc::UnboundedSender<SyncReport>,
 ) -> SyncState {
     let mut last_sync: Option<Instant> = None;
+    let mut retry_delay = Duration::ZERO;
+    let mut periodic = tokio::time::interval_at(
+        Instant::now() + state.cfg.sync_period,
+        state.cfg.sync_period,
+    );
+    let mut repair = tokio::time::interval(REPAIR_INTERVAL);
+    repair.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let due = if state.pending() {
-            Some(last_sync.map_or_else(Instant::now, |t| t + state.cfg.min_sync_period))
+            let min = state.cfg.min_sync_period.max(retry_delay);
+            Some(last_sync.map_or_else(Instant::now, |t| t + min))
         } else {
             None
         };
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
+            _ = periodic.tick() => state.force_full(),
+            _ = repair.tick(), if state.dataplane.is_some() && last_sync.is_some() => {
+                if !state.verify() {
+                    tracing::warn!("Our nftables table was deleted or flushed by someone else; restoring it");
+                    state.force_full();
+                    last_sync = None;
+                }
+            }
             input = inputs.recv() => match input {
                 Some(input) => {
                     state.record(input);
@@ -154,6 +217,10 @@ pub async fn run(
             _ = sleep_until(due), if due.is_some() => {
                 let report = state.sync();
                 last_sync = Some(Instant::now());
+                retry_delay = match &report.applied {
+                    Some(Err(_)) => (retry_delay * 2).clamp(Duration::from_secs(1), state.cfg.sync_period),
+                    _ => Duration::ZERO,
+                };
                 log_report(&report);
                 let _ = reports.send(report);
             }
@@ -161,6 +228,9 @@ pub async fn run(
     }
     state
 }
+
+/// How often the data plane's tables are checked for outside deletion or flushing.
+pub const REPAIR_INTERVAL: Duration = Duration::from_millis(250);
 
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
@@ -170,6 +240,29 @@ async fn sleep_until(at: Option<Instant>) {
 
 fn log_report(r: &SyncReport) {
     let ports: Vec<String> = r.ports.iter().map(|(f, n)| format!("{f}={n}")).collect();
+    match &r.applied {
+        Some(Ok(a)) => {
+            let ops: Vec<String> = a
+                .families
+                .iter()
+                .map(|(f, n, full)| format!("{f}={n}{}", if *full { " (full)" } else { "" }))
+                .collect();
+            tracing::info!(
+                full = r.plan.full,
+                changed_services = r.plan.changed_services.len(),
+                service_ports = %ports.join(","),
+                operations = %ops.join(","),
+                elapsed_us = a.elapsed.as_micros() as u64,
+                "Synced nftables rules"
+            );
+            return;
+        }
+        Some(Err(e)) => {
+            tracing::error!("Sync failed, retrying as a full sync: {e}");
+            return;
+        }
+        None => {}
+    }
     tracing::info!(
         full = r.plan.full,
         changed_services = r.plan.changed_services.len(),
@@ -194,6 +287,7 @@ mod tests {
             detect_local: DetectLocalMode::ClusterCidr(vec![]),
             bind_address: None,
             min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
         }
     }
 

@@ -6,9 +6,13 @@
 //! nothing) and dumps its state in `nft list table` form, so tests can compare it with the
 //! kernel. [`NftCli`] drives `nft -f -`. Only executors touch the kernel.
 
+pub mod exec;
+pub mod fake;
 pub mod objects;
 pub mod text;
 pub mod transaction;
 
+pub use exec::{Executor, NftCli};
+pub use fake::{ApplyError, Fake, normalize};
 pub use objects::*;
 pub use transaction::{Op, Transaction};

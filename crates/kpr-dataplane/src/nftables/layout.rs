@@ -243,7 +243,7 @@ pub fn fixed_maps_and_sets() -> (Vec<Map>, Vec<Set>) {
             map(
                 SERVICE_IPS,
                 KeyType::AddrProtoPort,
-                "ClusterIP, ExternalIP and LoadBalancer IP traffic",
+                "ClusterIP ExternalIP and LoadBalancer IP traffic",
             ),
             map(SERVICE_NODEPORTS, KeyType::ProtoPort, "NodePort traffic"),
             map(
