@@ -473,9 +473,50 @@ fn go_like_duration(secs: u32) -> String {
 
 /// Normalises a listing so the fake's dump and the kernel's listing compare: element lists
 /// (which the kernel prints in hash order, wrapped) become one sorted `element` line each;
-/// leading and trailing whitespace of every line is dropped. Rules and their order are kept
-/// verbatim.
+/// leading and trailing whitespace of every line is dropped; the sets, maps and chains of a
+/// table are sorted by name (their creation order has no meaning). Rules and their order
+/// within a chain are kept verbatim.
 pub fn normalize(listing: &str) -> String {
+    let lines = flatten_elements(listing);
+    let mut out = Vec::new();
+    let mut blocks: Vec<Vec<String>> = Vec::new();
+    let mut depth = 0;
+    for line in lines {
+        let opens = line.ends_with('{');
+        let closes = line == "}";
+        match (depth, opens, closes) {
+            (1, true, _) => {
+                blocks.push(vec![line]);
+                depth = 2;
+            }
+            (2, _, true) => {
+                if let Some(b) = blocks.last_mut() {
+                    b.push(line);
+                }
+                depth = 1;
+            }
+            (2, _, _) => {
+                if let Some(b) = blocks.last_mut() {
+                    b.push(line);
+                }
+            }
+            (1, _, true) => {
+                blocks.sort();
+                out.extend(blocks.drain(..).flatten());
+                out.push(line);
+                depth = 0;
+            }
+            (0, true, _) => {
+                out.push(line);
+                depth = 1;
+            }
+            _ => out.push(line),
+        }
+    }
+    out.join("\n") + "\n"
+}
+
+fn flatten_elements(listing: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut lines = listing.lines().map(str::trim).filter(|l| !l.is_empty());
     while let Some(line) = lines.next() {
@@ -502,5 +543,5 @@ pub fn normalize(listing: &str) -> String {
         items.sort();
         out.extend(items.into_iter().map(|i| format!("element {i}")));
     }
-    out.join("\n") + "\n"
+    out
 }

@@ -159,7 +159,11 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                 let mut sorted: Vec<&IpNet> = nets.iter().collect();
                 sorted.sort();
                 let items: Vec<String> = sorted.iter().map(|n| net(n)).collect();
-                format!("{} != {{ {} }}", a(addr), items.join(", "))
+                // nft prints a one-element anonymous set without braces.
+                match items.as_slice() {
+                    [one] => format!("{} != {one}", a(addr)),
+                    _ => format!("{} != {{ {} }}", a(addr), items.join(", ")),
+                }
             }
             Match::L4Proto(p) => {
                 if let Some(Match::Dport(port)) = r.matches.get(i + 1) {

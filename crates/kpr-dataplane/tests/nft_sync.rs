@@ -1,0 +1,280 @@
+//! Partial syncs and the kernel: any sequence of partial syncs leaves the same ruleset as one
+//! full sync (property, on the strict fake), and the same transactions applied to the real
+//! kernel — in a network namespace this test creates and always deletes — leave exactly what
+//! the fake holds (root only; CI runs as root).
+#![allow(clippy::unwrap_used)]
+
+use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, render};
+use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
+use kpr_model::{
+    DesiredState, Input, IpFamily, ObjectKey, SyncPlan, Trackers, Update, desired, update_desired,
+};
+use kpr_nft::{Executor, Fake, NftCli, normalize};
+use kpr_testkit::*;
+use proptest::prelude::*;
+use std::process::Command;
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Svc(u8, u8),
+    DelSvc(u8),
+    Slice(u8, Vec<(u8, u8)>),
+    DelSlice(u8),
+    Sync,
+}
+
+fn svc(id: u8, v: u8) -> ServiceBuilder {
+    let mut b = service("ns", &format!("s{id}"))
+        .cluster_ip(&format!("172.30.0.{}", id + 1))
+        .cluster_ip(&format!("fd00:30::{}", id + 1));
+    b = if v & 1 == 1 {
+        b.node_port("p", 80, "TCP", 3000 + i32::from(id))
+    } else {
+        b.port("p", 80, "TCP")
+    };
+    if v & 2 == 2 {
+        b = b.port("u", 53, "UDP");
+    }
+    if v & 4 == 4 {
+        b = b
+            .lb(&format!("1.2.3.{}", id + 1), None)
+            .etp_local()
+            .health_check_node_port(31000)
+            .source_range("203.0.113.0/24");
+    }
+    if v & 8 == 8 {
+        b = b.itp_local();
+    }
+    if v & 16 == 16 {
+        b = b.affinity(Some(60));
+    }
+    if v & 32 == 32 {
+        b = b.external_ip(&format!("192.168.99.{}", id + 1));
+    }
+    b
+}
+
+fn slice_of(id: u8, eps: &[(u8, u8)]) -> SliceBuilder {
+    let mut s = slice("ns", &format!("s{id}"), "a")
+        .port("p", 8080, "TCP")
+        .port("u", 5353, "UDP");
+    for (i, st) in eps {
+        let node = if i % 2 == 0 { NODE } else { OTHER_NODE };
+        let addr = format!("10.0.{}.{}", i % 2, i + 10);
+        s = if st % 2 == 0 {
+            s.ready(&addr, node)
+        } else {
+            s.terminating(&addr, node)
+        };
+    }
+    s
+}
+
+fn ev() -> impl Strategy<Value = Ev> {
+    prop_oneof![
+        3 => (0u8..4, 0u8..64).prop_map(|(i, v)| Ev::Svc(i, v)),
+        1 => (0u8..4).prop_map(Ev::DelSvc),
+        4 => (0u8..4, prop::collection::vec((0u8..6, 0u8..2), 0..4)).prop_map(|(i, e)| Ev::Slice(i, e)),
+        1 => (0u8..4).prop_map(Ev::DelSlice),
+        2 => Just(Ev::Sync),
+    ]
+}
+
+fn record(t: &mut Trackers, e: &Ev) {
+    let input = match e {
+        Ev::Svc(i, v) => Input::Services(Update::Apply(svc(*i, *v).build())),
+        Ev::DelSvc(i) => Input::Services(Update::Delete(ObjectKey::new("ns", format!("s{i}")))),
+        Ev::Slice(i, eps) => Input::Slices(Update::Apply(slice_of(*i, eps).build())),
+        Ev::DelSlice(i) => Input::Slices(Update::Delete(ObjectKey::new("ns", format!("s{i}-a")))),
+        Ev::Sync => return,
+    };
+    t.record(input);
+}
+
+fn cfg(family: IpFamily) -> NftConfig {
+    let ips = vec![NODE_IP.parse().unwrap(), NODE_IP6.parse().unwrap()];
+    NftConfig::new(family, 14, NodePortAddrs::List(ips))
+}
+
+/// Runs the events, syncing partially at each `Sync`, through `execs` (one per family).
+/// After each sync, checks the fake against a fresh full render, and calls `after`.
+fn run(
+    events: &[Ev],
+    execs: &mut [(IpFamily, Box<dyn Executor>)],
+    mut after: impl FnMut(IpFamily, &Fake),
+) {
+    let mut t = Trackers::new();
+    t.record(Input::Services(Update::Replace(vec![])));
+    let mut d = DesiredState::default();
+    let mut rendered: Vec<Rendered> = vec![Rendered::default(); execs.len()];
+    let mut fakes: Vec<Fake> = vec![Fake::default(); execs.len()];
+    for e in events.iter().chain([Ev::Sync].iter()) {
+        record(&mut t, e);
+        if !matches!(e, Ev::Sync) {
+            continue;
+        }
+        let mode = DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]);
+        let ctx = NodeContext::new(NODE, None);
+        let pol = ProxyPolicy::new(false, &mode, None);
+        let plan = t.checkout();
+        update_desired(&mut d, t.state(), &ctx, &pol, &plan);
+        for (i, (family, exec)) in execs.iter_mut().enumerate() {
+            let (tx, next) = render(&d.families[family], &cfg(*family), &rendered[i], &plan);
+            fakes[i].apply(&tx).unwrap_or_else(|e| {
+                panic!(
+                    "fake refused a rendered transaction: {e}\n{}",
+                    kpr_nft::text::script(&tx)
+                )
+            });
+            exec.apply(&tx).unwrap_or_else(|e| {
+                panic!("executor refused: {e}\n{}", kpr_nft::text::script(&tx))
+            });
+            rendered[i] = next;
+            // The same state rendered in one full sync.
+            let full = desired(t.state(), &ctx, &pol);
+            let (ftx, _) = render(
+                &full.families[family],
+                &cfg(*family),
+                &Rendered::default(),
+                &SyncPlan {
+                    full: true,
+                    ..SyncPlan::default()
+                },
+            );
+            let mut fresh = Fake::default();
+            fresh.apply(&ftx).unwrap();
+            assert_eq!(
+                fakes[i].dump(),
+                fresh.dump(),
+                "partial syncs diverged from a full sync ({family})"
+            );
+            after(*family, &fakes[i]);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn partial_syncs_equal_one_full_sync(events in prop::collection::vec(ev(), 0..30)) {
+        let mut execs: Vec<(IpFamily, Box<dyn Executor>)> = vec![(IpFamily::V4, Box::new(Fake::default())), (IpFamily::V6, Box::new(Fake::default()))];
+        run(&events, &mut execs, |_, _| {});
+    }
+}
+
+/// A network namespace for one test, deleted on drop (even when the test fails).
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Option<Netns> {
+        let uid = Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            eprintln!("SKIPPED (needs root and ip netns): kernel agreement test {tag}");
+            return None;
+        }
+        let name = format!("kpr-{}-{tag}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .ok()?
+            .success();
+        assert!(ok, "ip netns add {name} failed");
+        Some(Netns(name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The kernel holds exactly what the fake holds, after a full sync and after each partial one.
+#[test]
+fn the_kernel_agrees_with_the_fake() {
+    let Some(ns) = Netns::new("agree") else {
+        return;
+    };
+    let events = vec![
+        Ev::Svc(0, 0b11_0111),
+        Ev::Slice(0, vec![(0, 0), (1, 0), (2, 1)]),
+        Ev::Svc(1, 0b00_1001),
+        Ev::Slice(1, vec![(3, 0)]),
+        Ev::Svc(2, 0b01_0010),
+        Ev::Sync,
+        Ev::Slice(0, vec![(0, 0), (4, 0)]),
+        Ev::Svc(1, 0b00_0001),
+        Ev::Sync,
+        Ev::DelSvc(2),
+        Ev::Slice(1, vec![]),
+        Ev::Sync,
+        Ev::DelSvc(0),
+        Ev::DelSlice(0),
+    ];
+    let cli = NftCli::in_netns(&ns.0);
+    let mut execs: Vec<(IpFamily, Box<dyn Executor>)> = vec![
+        (IpFamily::V4, Box::new(cli.clone())),
+        (IpFamily::V6, Box::new(cli.clone())),
+    ];
+    let mut checks = 0;
+    run(&events, &mut execs, |family, fake| {
+        let fam = if family == IpFamily::V4 {
+            kpr_nft::Family::Ip
+        } else {
+            kpr_nft::Family::Ip6
+        };
+        let listing = cli.list_table(fam, "kube-proxy-rs").unwrap().unwrap();
+        assert_eq!(
+            normalize(&listing),
+            fake.dump(),
+            "kernel and fake differ ({family})\n--- kernel ---\n{listing}"
+        );
+        checks += 1;
+    });
+    assert_eq!(checks, 8);
+}
+
+/// The kernel refuses what the fake refuses, and a refused transaction changes nothing.
+#[test]
+fn the_kernel_and_the_fake_refuse_the_same_transaction() {
+    let Some(ns) = Netns::new("refuse") else {
+        return;
+    };
+    let table = cfg(IpFamily::V4).table();
+    let mut ok = kpr_nft::Transaction::new(table.clone());
+    ok.push(kpr_nft::Op::AddTable(table.clone()));
+    ok.push(kpr_nft::Op::AddChain(kpr_nft::Chain {
+        name: "a".into(),
+        base: None,
+        comment: None,
+    }));
+    let mut bad = kpr_nft::Transaction::new(table);
+    bad.push(kpr_nft::Op::AddChain(kpr_nft::Chain {
+        name: "b".into(),
+        base: None,
+        comment: None,
+    }));
+    bad.push(kpr_nft::Op::AddRule(kpr_nft::Rule::new("a").s(
+        kpr_nft::Statement::Verdict(kpr_nft::Verdict::Jump("missing".into())),
+    )));
+    let mut cli = NftCli::in_netns(&ns.0);
+    let mut fake = Fake::default();
+    Executor::apply(&mut cli, &ok).unwrap();
+    fake.apply(&ok).unwrap();
+    let before = cli
+        .list_table(kpr_nft::Family::Ip, "kube-proxy-rs")
+        .unwrap()
+        .unwrap();
+    assert!(
+        Executor::apply(&mut cli, &bad).is_err(),
+        "kernel accepted a dangling jump"
+    );
+    assert!(fake.apply(&bad).is_err(), "fake accepted a dangling jump");
+    let after = cli
+        .list_table(kpr_nft::Family::Ip, "kube-proxy-rs")
+        .unwrap()
+        .unwrap();
+    assert_eq!(before, after, "a refused transaction changed the kernel");
+    assert_eq!(normalize(&after), fake.dump());
+}
