@@ -134,10 +134,8 @@ pub fn parse_service(
         whole: true,
         reason,
     };
-    if key.name.is_empty() || key.namespace.is_empty() {
-        return Err(skip(
-            "metadata.name and metadata.namespace are required".into(),
-        ));
+    if let Some(why) = invalid_names(&key, 63) {
+        return Err(skip(why));
     }
     if is_filtered(svc.metadata.labels.as_ref()) {
         return Ok(None);
@@ -189,6 +187,9 @@ pub fn parse_service(
             return Err(skip(format!(
                 "duplicate port name {name:?} for protocol {protocol}"
             )));
+        }
+        if !name.is_empty() && !dns_label(&name, 63) {
+            return Err(skip(format!("invalid port name {name:?}")));
         }
         ports.push(ParsedPort {
             name,
@@ -317,10 +318,8 @@ pub fn parse_slice(
         whole: true,
         reason,
     };
-    if key.name.is_empty() || key.namespace.is_empty() {
-        return Err(skip(
-            "metadata.name and metadata.namespace are required".into(),
-        ));
+    if let Some(why) = invalid_names(&key, 253) {
+        return Err(skip(why));
     }
     let labels = slice.metadata.labels.as_ref();
     if is_filtered(labels) {
@@ -332,6 +331,11 @@ pub fn parse_slice(
     else {
         return Ok(None);
     };
+    if !dns_label(service, 63) {
+        return Err(skip(format!(
+            "invalid {LABEL_SERVICE_NAME} label {service:?}"
+        )));
+    }
     let family = match slice.address_type.as_str() {
         "IPv4" => IpFamily::V4,
         "IPv6" => IpFamily::V6,
@@ -375,6 +379,9 @@ pub fn parse_slice(
             return Err(skip(format!(
                 "duplicate port name {name:?} for protocol {protocol}"
             )));
+        }
+        if !name.is_empty() && !dns_label(name, 63) {
+            return Err(skip(format!("invalid port name {name:?}")));
         }
         ports.push(SlicePort {
             name: name.clone(),
@@ -435,6 +442,34 @@ pub fn parse_slice(
         endpoints,
         trigger_time,
     }))
+}
+
+/// Names the API server would refuse (and that must never reach rule text): the namespace
+/// must be a DNS-1123 label, the name a label (Services) or subdomain (slices).
+fn invalid_names(key: &ObjectKey, max_name: usize) -> Option<String> {
+    if key.name.is_empty() || key.namespace.is_empty() {
+        return Some("metadata.name and metadata.namespace are required".into());
+    }
+    if !dns_label(&key.namespace, 63) {
+        return Some(format!("invalid namespace {:?}", key.namespace));
+    }
+    let ok = if max_name == 63 {
+        dns_label(&key.name, 63)
+    } else {
+        key.name.len() <= max_name && key.name.split('.').all(|l| dns_label(l, 63))
+    };
+    (!ok).then(|| format!("invalid name {:?}", key.name))
+}
+
+/// A DNS-1123 label: lower-case alphanumerics and '-', starting and ending alphanumeric.
+fn dns_label(s: &str, max: usize) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 /// Parses an IP the way the API server's validation accepts it: no leading zeros in IPv4 octets

@@ -321,7 +321,12 @@ fn invalid_objects_are_skipped_with_one_note_each() {
                 .affinity(Some(0)),
         ),
     ];
-    for (what, bad) in bad_services {
+    for (what, bad) in bad_services.into_iter().chain([(
+        "injection in a name",
+        service("ns1", "bad\"; flush ruleset")
+            .cluster_ip("172.30.0.99")
+            .port("p", 80, "TCP"),
+    )]) {
         let mut h = Harness::new();
         h.service(web()).slice(web_slice()).service(bad);
         assert_eq!(h.skipped.len(), 1, "{what}: {:?}", h.skipped);
