@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod build;
+pub mod lab;
 
 pub use build::{NodeBuilder, ServiceBuilder, SliceBuilder, node, service, slice};
 
