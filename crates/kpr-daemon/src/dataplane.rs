@@ -93,16 +93,18 @@ impl Dataplane {
                 self.masquerade_bit,
                 node_port_addrs(&self.node_ports, *family, ctx),
             );
-            let prev = self.rendered.remove(family).unwrap_or_default();
-            let full = plan.full || prev.is_empty();
-            let (tx, next) = render(fam, &cfg, &prev, plan);
+            let committed = self.rendered.entry(*family).or_default();
+            let full = plan.full || committed.is_empty();
+            let tx = render(fam, &cfg, committed, plan);
             if tx.is_empty() {
-                self.rendered.insert(*family, next);
                 continue;
             }
-            self.exec.apply(&tx).map_err(|e| format!("{family}: {e}"))?;
+            if let Err(e) = self.exec.apply(&tx) {
+                // What the kernel holds is unknown now: the next render is full.
+                self.rendered.remove(family);
+                return Err(format!("{family}: {e}"));
+            }
             report.families.push((*family, tx.len(), full));
-            self.rendered.insert(*family, next);
         }
         report.elapsed = start.elapsed();
         Ok(report)
@@ -166,10 +168,10 @@ pub fn ruleset_text(
             masquerade_bit,
             node_port_addrs(node_ports, *family, ctx),
         );
-        let (tx, _) = render(
+        let tx = render(
             fam,
             &cfg,
-            &Rendered::default(),
+            &mut Rendered::default(),
             &SyncPlan {
                 full: true,
                 ..SyncPlan::default()

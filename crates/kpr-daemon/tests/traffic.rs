@@ -558,7 +558,15 @@ fn a_deleted_or_flushed_table_is_restored_within_a_second() {
             "[{name: http, port: 8080, protocol: TCP}]",
         ),
     );
+    // Upstream kube-proxy's nftables mode left its tables here (mode switch, §2.1 step 4).
+    c.nft("add table ip kube-proxy");
+    c.nft("add table ip6 kube-proxy");
     c.start_proxy();
+    let tables = c.nft("list tables");
+    assert!(
+        !tables.contains("kube-proxy\n"),
+        "upstream's tables are removed on start: {tables}"
+    );
     for attack in [
         "delete table ip kube-proxy-rs",
         "flush ruleset",

@@ -119,7 +119,7 @@ fn run(
         let plan = t.checkout();
         update_desired(&mut d, t.state(), &ctx, &pol, &plan);
         for (i, (family, exec)) in execs.iter_mut().enumerate() {
-            let (tx, next) = render(&d.families[family], &cfg(*family), &rendered[i], &plan);
+            let tx = render(&d.families[family], &cfg(*family), &mut rendered[i], &plan);
             fakes[i].apply(&tx).unwrap_or_else(|e| {
                 panic!(
                     "fake refused a rendered transaction: {e}\n{}",
@@ -129,13 +129,12 @@ fn run(
             exec.apply(&tx).unwrap_or_else(|e| {
                 panic!("executor refused: {e}\n{}", kpr_nft::text::script(&tx))
             });
-            rendered[i] = next;
             // The same state rendered in one full sync.
             let full = desired(t.state(), &ctx, &pol);
-            let (ftx, _) = render(
+            let ftx = render(
                 &full.families[family],
                 &cfg(*family),
-                &Rendered::default(),
+                &mut Rendered::default(),
                 &SyncPlan {
                     full: true,
                     ..SyncPlan::default()

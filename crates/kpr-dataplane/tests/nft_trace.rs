@@ -66,10 +66,10 @@ impl H {
         let d = desired(self.t.state(), &ctx, &policy);
         let fam = &d.families[&IpFamily::V4];
         let cfg = NftConfig::new(IpFamily::V4, 14, NodePortAddrs::List(vec![ip(NODE_IP)]));
-        let (tx, _) = render(
+        let tx = render(
             fam,
             &cfg,
-            &Rendered::default(),
+            &mut Rendered::default(),
             &SyncPlan {
                 full: true,
                 ..SyncPlan::default()

@@ -98,24 +98,39 @@ impl Rendered {
     }
 }
 
-/// Renders one family. A full render happens when the plan says so, when nothing was committed
-/// yet, or when the backend configuration changed.
+/// Renders one family and updates `committed` to what the kernel holds once the transaction
+/// is applied, so a partial sync costs O(changes) with no copy of the whole state. If the
+/// transaction is not applied, the caller must reset `committed` to `Rendered::default()`,
+/// which makes the next render full. A full render happens when the plan says so, when nothing
+/// was committed yet, or when the backend configuration changed.
 pub fn render(
     fam: &FamilyDesired,
     cfg: &NftConfig,
-    prev: &Rendered,
+    committed: &mut Rendered,
     plan: &SyncPlan,
-) -> (Transaction, Rendered) {
-    if plan.full || prev.config.as_ref() != Some(cfg) {
-        return render_full(fam, cfg);
+) -> Transaction {
+    if plan.full || committed.config.as_ref() != Some(cfg) {
+        let (tx, next) = render_full(fam, cfg);
+        *committed = next;
+        return tx;
     }
-    let mut next = prev.clone();
+    let next = committed;
+    // ClusterIPs touched by this sync, and whether each was in the set before it.
+    let mut touched: BTreeMap<IpAddr, bool> = BTreeMap::new();
     let mut tx = Transaction::new(cfg.table());
     let (mut del_elems, mut add_elems) = (Vec::new(), Vec::new());
     let (mut new_chains, mut rewrite, mut stale_chains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut new_sets, mut stale_sets) = (Vec::new(), Vec::new());
     for name in &plan.changed_ports {
         let old = next.ports.remove(name).unwrap_or_default();
+        let cips = old
+            .cluster_ip
+            .into_iter()
+            .chain(fam.ports.get(name).map(|sp| sp.cluster_ip));
+        for ip in cips {
+            let present = next.cluster_ips.contains_key(&ip);
+            touched.entry(ip).or_insert(present);
+        }
         next.release(name, &old);
         let new = fam
             .ports
@@ -146,18 +161,13 @@ pub fn render(
             next.ports.insert(name.clone(), new);
         }
     }
-    let before: BTreeSet<IpAddr> = prev.cluster_ips.keys().copied().collect();
-    let after: BTreeSet<IpAddr> = next.cluster_ips.keys().copied().collect();
-    del_elems.extend(
-        before
-            .difference(&after)
-            .map(|ip| set_elem(layout::CLUSTER_IPS, Key::Addr(*ip))),
-    );
-    add_elems.extend(
-        after
-            .difference(&before)
-            .map(|ip| set_elem(layout::CLUSTER_IPS, Key::Addr(*ip))),
-    );
+    for (ip, before) in touched {
+        match (before, next.cluster_ips.contains_key(&ip)) {
+            (true, false) => del_elems.push(set_elem(layout::CLUSTER_IPS, Key::Addr(ip))),
+            (false, true) => add_elems.push(set_elem(layout::CLUSTER_IPS, Key::Addr(ip))),
+            _ => {}
+        }
+    }
 
     tx.ops.extend(del_elems.into_iter().map(Op::DeleteElement));
     tx.ops.extend(new_sets.into_iter().map(Op::AddSet));
@@ -179,7 +189,7 @@ pub fn render(
         .extend(stale_chains.iter().cloned().map(Op::FlushChain));
     tx.ops.extend(stale_chains.into_iter().map(Op::DeleteChain));
     tx.ops.extend(stale_sets.into_iter().map(Op::DeleteSet));
-    (tx, next)
+    tx
 }
 
 fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) {
