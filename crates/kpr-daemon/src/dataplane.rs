@@ -3,13 +3,16 @@
 //! repair: a table deleted or flushed by another tool is detected within a second).
 
 use kpr_config::NodePortAddresses;
-use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, layout, render};
+use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, layout, render, render_cold};
 use kpr_model::node::NodeContext;
 use kpr_model::{DesiredState, IpFamily, SyncPlan};
 use kpr_nft::{Executor, Fake, Family, Op, Table, Transaction};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+/// The largest cold-start transaction, in operations (about 800 Services of 2 endpoints).
+pub const COLD_START_MAX_OPS: usize = 10_000;
 
 /// What one successful sync did.
 #[derive(Debug, Clone, Default)]
@@ -95,16 +98,30 @@ impl Dataplane {
             );
             let committed = self.rendered.entry(*family).or_default();
             let full = plan.full || committed.is_empty();
-            let tx = render(fam, &cfg, committed, plan);
-            if tx.is_empty() {
-                continue;
+            // Cold start (no table of ours in the kernel): bounded transactions, so no single
+            // one holds the nftables mutex for long. Otherwise one atomic transaction.
+            let cold = committed.is_empty()
+                && !self
+                    .exec
+                    .table_intact(&table(*family), layout::MASQUERADING)
+                    .unwrap_or(false);
+            let txs = if cold {
+                render_cold(fam, &cfg, committed, COLD_START_MAX_OPS)
+            } else {
+                vec![render(fam, &cfg, committed, plan)]
+            };
+            let mut ops = 0;
+            for tx in txs.iter().filter(|tx| !tx.is_empty()) {
+                if let Err(e) = self.exec.apply(tx) {
+                    // What the kernel holds is unknown now: the next render is full.
+                    self.rendered.remove(family);
+                    return Err(format!("{family}: {e}"));
+                }
+                ops += tx.len();
             }
-            if let Err(e) = self.exec.apply(&tx) {
-                // What the kernel holds is unknown now: the next render is full.
-                self.rendered.remove(family);
-                return Err(format!("{family}: {e}"));
+            if ops > 0 {
+                report.families.push((*family, ops, full));
             }
-            report.families.push((*family, tx.len(), full));
         }
         report.elapsed = start.elapsed();
         Ok(report)

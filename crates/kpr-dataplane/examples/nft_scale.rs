@@ -103,6 +103,24 @@ fn run(n: u32, ns: &str) {
         .unwrap()
         .unwrap_or_default();
     let list = t4.elapsed();
+    // Cold start in bounded transactions, in a fresh table.
+    cli.run(&["delete", "table", "ip", "kube-proxy-rs"], None)
+        .unwrap();
+    let mut cold = Rendered::default();
+    let chunks =
+        kpr_dataplane::nftables::render_cold(&d.families[&IpFamily::V4], &cfg, &mut cold, 10_000);
+    let t5 = Instant::now();
+    let mut longest = std::time::Duration::ZERO;
+    for c in &chunks {
+        let t = Instant::now();
+        cli.apply(c).unwrap();
+        longest = longest.max(t.elapsed());
+    }
+    println!(
+        "cold start in {} transactions of <= ~10,000 ops: total {:?}, longest transaction {longest:?}",
+        chunks.len(),
+        t5.elapsed()
+    );
     println!(
         "reference: nft list table {list:?} ({} lines); ratio apply-one / list-table = {:.2}",
         listing.lines().count(),

@@ -277,3 +277,38 @@ fn the_kernel_and_the_fake_refuse_the_same_transaction() {
     assert_eq!(before, after, "a refused transaction changed the kernel");
     assert_eq!(normalize(&after), fake.dump());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A cold start split into bounded transactions builds exactly the table one full sync
+    /// builds, and no chunk is larger than the bound plus one service port's operations.
+    #[test]
+    fn cold_start_chunks_build_the_same_table(events in prop::collection::vec(ev(), 1..30), max_ops in 5usize..200) {
+        let mut t = Trackers::new();
+        for e in &events {
+            record(&mut t, e);
+        }
+        let mode = DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]);
+        let (ctx, pol) = (NodeContext::new(NODE, None), ProxyPolicy::new(false, &mode, None));
+        let d = desired(t.state(), &ctx, &pol);
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let mut chunked = Rendered::default();
+            let chunks = kpr_dataplane::nftables::render_cold(&d.families[&family], &cfg(family), &mut chunked, max_ops);
+            let mut fake = Fake::default();
+            for c in &chunks {
+                fake.apply(c).unwrap();
+            }
+            let mut whole = Rendered::default();
+            let full = render(&d.families[&family], &cfg(family), &mut whole, &SyncPlan { full: true, ..SyncPlan::default() });
+            let mut reference = Fake::default();
+            reference.apply(&full).unwrap();
+            prop_assert_eq!(fake.dump(), reference.dump());
+            prop_assert_eq!(&chunked, &whole);
+            prop_assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), full.len());
+            for c in chunks.iter().skip(1) {
+                prop_assert!(c.len() <= max_ops + 60, "chunk of {} ops for a bound of {}", c.len(), max_ops);
+            }
+        }
+    }
+}

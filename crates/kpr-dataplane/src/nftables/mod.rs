@@ -6,4 +6,4 @@ pub mod naming;
 pub mod render;
 pub mod trace;
 
-pub use render::{NftConfig, NodePortAddrs, Rendered, render};
+pub use render::{NftConfig, NodePortAddrs, Rendered, render, render_cold};

@@ -192,7 +192,49 @@ pub fn render(
     tx
 }
 
+/// Renders a cold start (no table in the kernel yet) as several transactions of at most about
+/// `max_ops` operations each, split between service ports, so no single transaction holds the
+/// kernel's nftables mutex for long (performance-anchors §4.3). Each transaction is
+/// self-contained; applied in order they build the same table as one full render.
+pub fn render_cold(
+    fam: &FamilyDesired,
+    cfg: &NftConfig,
+    committed: &mut Rendered,
+    max_ops: usize,
+) -> Vec<Transaction> {
+    let (tx, next, groups) = render_full_grouped(fam, cfg);
+    *committed = next;
+    let mut out = Vec::new();
+    let mut cut = 0;
+    let mut last = 0;
+    for g in groups.into_iter().chain([tx.ops.len()]) {
+        if g - cut > max_ops && last > cut {
+            out.push(Transaction {
+                table: tx.table.clone(),
+                ops: tx.ops[cut..last].to_vec(),
+            });
+            cut = last;
+        }
+        last = g;
+    }
+    out.push(Transaction {
+        table: tx.table.clone(),
+        ops: tx.ops[cut..].to_vec(),
+    });
+    out
+}
+
 fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) {
+    let (tx, next, _) = render_full_grouped(fam, cfg);
+    (tx, next)
+}
+
+/// The full table: the fixed part, then one group of operations per service port (its sets,
+/// chains, rules and elements). Returns where each group starts.
+fn render_full_grouped(
+    fam: &FamilyDesired,
+    cfg: &NftConfig,
+) -> (Transaction, Rendered, Vec<usize>) {
     let table = cfg.table();
     let mut tx = Transaction::new(table.clone());
     tx.push(Op::AddTable(table.clone()));
@@ -211,13 +253,14 @@ fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) 
     let (maps, sets) = layout::fixed_maps_and_sets();
     tx.ops.extend(maps.into_iter().map(Op::AddMap));
     tx.ops.extend(sets.into_iter().map(Op::AddSet));
-    let fixed = layout::fixed_chains(cfg.masquerade_mark, &np);
-    let base = layout::base_chains();
-    let mut rules = Vec::new();
-    for (chain, r) in fixed.into_iter().chain(base) {
-        tx.push(Op::AddChain(chain));
-        rules.extend(r);
-    }
+    let fixed: Vec<(Chain, Vec<Rule>)> = layout::fixed_chains(cfg.masquerade_mark, &np)
+        .into_iter()
+        .chain(layout::base_chains())
+        .collect();
+    tx.ops
+        .extend(fixed.iter().map(|(c, _)| Op::AddChain(c.clone())));
+    tx.ops
+        .extend(fixed.into_iter().flat_map(|(_, r)| r).map(Op::AddRule));
     if let NodePortAddrs::List(ips) = &cfg.node_port_addrs {
         let mut ips: Vec<IpAddr> = ips
             .iter()
@@ -235,8 +278,10 @@ fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) 
         config: Some(cfg.clone()),
         ..Rendered::default()
     };
-    let mut elements = Vec::new();
+    let mut groups = Vec::with_capacity(fam.ports.len());
     for (name, sp) in &fam.ports {
+        groups.push(tx.ops.len());
+        let new_cip = !next.cluster_ips.contains_key(&sp.cluster_ip);
         let objs = next.claim(name, build_port(sp, fam));
         tx.ops.extend(objs.sets.iter().cloned().map(Op::AddSet));
         tx.ops.extend(objs.chains.keys().map(|c| {
@@ -246,18 +291,19 @@ fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) 
                 comment: None,
             })
         }));
-        rules.extend(objs.chains.values().flatten().cloned());
-        elements.extend(objs.elements.iter().cloned());
+        tx.ops
+            .extend(objs.chains.values().flatten().cloned().map(Op::AddRule));
+        tx.ops
+            .extend(objs.elements.iter().cloned().map(Op::AddElement));
+        if new_cip {
+            tx.push(Op::AddElement(set_elem(
+                layout::CLUSTER_IPS,
+                Key::Addr(sp.cluster_ip),
+            )));
+        }
         next.ports.insert(name.clone(), objs);
     }
-    tx.ops.extend(rules.into_iter().map(Op::AddRule));
-    elements.extend(
-        next.cluster_ips
-            .keys()
-            .map(|ip| set_elem(layout::CLUSTER_IPS, Key::Addr(*ip))),
-    );
-    tx.ops.extend(elements.into_iter().map(Op::AddElement));
-    (tx, next)
+    (tx, next, groups)
 }
 
 impl Rendered {
