@@ -119,17 +119,37 @@ impl Lab {
     pub fn tcp(&self, ns: &str, dst: &str, port: u16) -> Reply {
         self.request(
             ns,
+            "",
             &format!("TCP:{}:{port},connect-timeout=2", bracket(dst)),
         )
     }
 
     /// Sends one UDP datagram from a namespace and waits for one reply.
     pub fn udp(&self, ns: &str, dst: &str, port: u16) -> Reply {
-        self.request(ns, &format!("UDP:{}:{port}", bracket(dst)))
+        // UDP has no close: wait up to 2 s for the reply after sending.
+        self.request(ns, "-t2", &format!("UDP:{}:{port}", bracket(dst)))
     }
 
-    fn request(&self, ns: &str, target: &str) -> Reply {
-        let out = self.try_sh(ns, &format!("echo hello | timeout 8 socat -T5 - {target}"));
+    /// Sends `n` UDP datagrams at once, each from its own socket (a new flow each); returns the
+    /// reply lines received (one per answered datagram).
+    pub fn udp_burst(&self, ns: &str, dst: &str, port: u16, n: usize) -> Vec<String> {
+        let script = format!(
+            "for i in $(seq {n}); do (echo hello | timeout 6 socat -T4 -t3 - UDP:{}:{port} 2>/dev/null &); done; sleep 4",
+            bracket(dst)
+        );
+        let out = self.try_sh(ns, &script);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    fn request(&self, ns: &str, opts: &str, target: &str) -> Reply {
+        let out = self.try_sh(
+            ns,
+            &format!("echo hello | timeout 8 socat -T5 {opts} - {target}"),
+        );
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !stdout.is_empty() {
