@@ -81,6 +81,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
                 proxy.node_port_addresses.clone(),
             );
             plane.remove_upstream_tables();
+            plane.remove_upstream_iptables();
             state = state.with_dataplane(plane);
         }
         ProxyMode::Iptables => {

@@ -80,6 +80,18 @@ impl Dataplane {
         }
     }
 
+    /// Removes the iptables chains and jumps upstream kube-proxy's iptables mode leaves
+    /// behind (§2.1 step 4, §13.6). Errors are only logged, as upstream.
+    pub fn remove_upstream_iptables(&mut self) {
+        match kpr_dataplane::iptables::exec::remove_upstream_leftovers() {
+            Ok(families) if !families.is_empty() => {
+                tracing::info!(families = ?families, "Removed upstream kube-proxy's iptables rules")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("Could not remove upstream kube-proxy's iptables rules: {e}"),
+        }
+    }
+
     /// Renders and applies both families. On failure the family's committed copy is dropped,
     /// so the next sync is a full one.
     pub fn sync(

@@ -560,9 +560,26 @@ fn a_deleted_or_flushed_table_is_restored_within_a_second() {
     );
     // Upstream kube-proxy's nftables mode left its tables here (mode switch, §2.1 step 4).
     c.nft("add table ip kube-proxy");
+    // ... and its iptables mode left chains and jumps (§13.6); kubelet's KUBE-FIREWALL stays.
+    let leftovers = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y\nCOMMIT\n*filter\n:KUBE-FIREWALL - [0:0]\n:KUBE-FORWARD - [0:0]\n-A INPUT -j KUBE-FIREWALL\n-A FORWARD -j KUBE-FORWARD\nCOMMIT\n";
+    c.lab.sh(
+        &c.node,
+        &format!("printf '%s' '{leftovers}' | iptables-restore --noflush"),
+    );
     c.nft("add table ip6 kube-proxy");
     c.start_proxy();
     let tables = c.nft("list tables");
+    let saved = c.lab.sh(&c.node, "iptables-save");
+    assert!(
+        !saved.contains("KUBE-SERVICES")
+            && !saved.contains("KUBE-SVC-")
+            && !saved.contains("KUBE-FORWARD"),
+        "upstream's iptables chains are removed: {saved}"
+    );
+    assert!(
+        saved.contains("-A INPUT -j KUBE-FIREWALL"),
+        "kubelet's KUBE-FIREWALL is kept: {saved}"
+    );
     assert!(
         !tables.contains("kube-proxy\n"),
         "upstream's tables are removed on start: {tables}"

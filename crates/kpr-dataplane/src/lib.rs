@@ -4,4 +4,5 @@
 //! nftables backend renders typed `kpr_nft` transactions; rendering is pure and deterministic,
 //! applying goes through one `kpr_nft` executor.
 
+pub mod iptables;
 pub mod nftables;
