@@ -49,7 +49,7 @@ pub fn removal(save: &str) -> Option<String> {
     let mut table = String::new();
     let mut chains: BTreeSet<String> = BTreeSet::new();
     let mut jumps: Vec<String> = Vec::new();
-    let mut flush =
+    let flush =
         |out: &mut String, table: &str, chains: &mut BTreeSet<String>, jumps: &mut Vec<String>| {
             if !chains.is_empty() {
                 out.push_str(&format!("*{table}\n"));
