@@ -51,13 +51,17 @@ fn svc(id: u8, v: u8) -> ServiceBuilder {
     if v & 32 == 32 {
         b = b.external_ip(&format!("192.168.99.{}", id + 1));
     }
+    if v & 64 == 64 {
+        b = b.port("s", 9999, "SCTP");
+    }
     b
 }
 
 fn slice_of(id: u8, eps: &[(u8, u8)]) -> SliceBuilder {
     let mut s = slice("ns", &format!("s{id}"), "a")
         .port("p", 8080, "TCP")
-        .port("u", 5353, "UDP");
+        .port("u", 5353, "UDP")
+        .port("s", 9999, "SCTP");
     for (i, st) in eps {
         let node = if i % 2 == 0 { NODE } else { OTHER_NODE };
         let addr = format!("10.0.{}.{}", i % 2, i + 10);
@@ -72,7 +76,7 @@ fn slice_of(id: u8, eps: &[(u8, u8)]) -> SliceBuilder {
 
 fn ev() -> impl Strategy<Value = Ev> {
     prop_oneof![
-        3 => (0u8..4, 0u8..64).prop_map(|(i, v)| Ev::Svc(i, v)),
+        3 => (0u8..4, 0u8..128).prop_map(|(i, v)| Ev::Svc(i, v)),
         1 => (0u8..4).prop_map(Ev::DelSvc),
         4 => (0u8..4, prop::collection::vec((0u8..6, 0u8..2), 0..4)).prop_map(|(i, e)| Ev::Slice(i, e)),
         1 => (0u8..4).prop_map(Ev::DelSlice),
@@ -196,7 +200,7 @@ fn the_kernel_agrees_with_the_fake() {
         return;
     };
     let events = vec![
-        Ev::Svc(0, 0b11_0111),
+        Ev::Svc(0, 0b111_0111),
         Ev::Slice(0, vec![(0, 0), (1, 0), (2, 1)]),
         Ev::Svc(1, 0b00_1001),
         Ev::Slice(1, vec![(3, 0)]),
