@@ -103,6 +103,22 @@ fn run(n: u32, ns: &str) {
         .unwrap()
         .unwrap_or_default();
     let list = t4.elapsed();
+    // The repair check the daemon runs every 250 ms.
+    let t6 = Instant::now();
+    let intact = cli
+        .table_intact(&cfg.table(), kpr_dataplane::nftables::layout::MASQUERADING)
+        .unwrap();
+    println!(
+        "repair check (nft list chain ... masquerading): {:?}, intact={intact}",
+        t6.elapsed()
+    );
+    let t7 = Instant::now();
+    let tables = cli.run(&["list", "tables"], None).unwrap();
+    println!(
+        "nft list tables: {:?} ({} tables)",
+        t7.elapsed(),
+        tables.lines().count()
+    );
     // Cold start in bounded transactions, in a fresh table.
     cli.run(&["delete", "table", "ip", "kube-proxy-rs"], None)
         .unwrap();

@@ -29,6 +29,8 @@ pub enum Reply {
     Refused,
     /// No answer in time (DROP).
     Timeout,
+    /// Connected, but the server closed without a reply line.
+    Closed,
     Other(String),
 }
 
@@ -117,17 +119,19 @@ impl Lab {
 
     /// Sends one TCP request from a namespace; the server's first line is the reply.
     pub fn tcp(&self, ns: &str, dst: &str, port: u16) -> Reply {
+        // One-way (server to stdout): the client never half-closes first, so a server that
+        // forks its reply process cannot see EOF before it has answered.
         self.request(
             ns,
-            "",
-            &format!("TCP:{}:{port},connect-timeout=2", bracket(dst)),
+            "-u",
+            &format!("TCP:{}:{port},connect-timeout=2 -", bracket(dst)),
         )
     }
 
     /// Sends one UDP datagram from a namespace and waits for one reply.
     pub fn udp(&self, ns: &str, dst: &str, port: u16) -> Reply {
         // UDP has no close: wait up to 2 s for the reply after sending.
-        self.request(ns, "-t2", &format!("UDP:{}:{port}", bracket(dst)))
+        self.request(ns, "-t2", &format!("- UDP:{}:{port}", bracket(dst)))
     }
 
     /// Sends `n` UDP datagrams at once, each from its own socket (a new flow each); returns the
@@ -148,7 +152,7 @@ impl Lab {
     fn request(&self, ns: &str, opts: &str, target: &str) -> Reply {
         let out = self.try_sh(
             ns,
-            &format!("echo hello | timeout 8 socat -T5 {opts} - {target}"),
+            &format!("echo hello | timeout 8 socat -T5 {opts} {target}"),
         );
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -156,10 +160,11 @@ impl Lab {
             Reply::Ok(stdout)
         } else if stderr.contains("refused") {
             Reply::Refused
-        } else if stderr.contains("timed out")
-            || out.status.code() == Some(124)
-            || stderr.is_empty()
-        {
+        } else if stderr.contains("timed out") || out.status.code() == Some(124) {
+            Reply::Timeout
+        } else if stderr.is_empty() && out.status.success() {
+            Reply::Closed
+        } else if stderr.is_empty() {
             Reply::Timeout
         } else {
             Reply::Other(stderr.into_owned())
