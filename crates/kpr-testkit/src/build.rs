@@ -100,35 +100,30 @@ impl ServiceBuilder {
     }
 
     /// Makes it a LoadBalancer with an ingress IP (`ip_mode` `None` = unset).
-    pub fn lb(mut self, ip: &str, ip_mode: Option<&str>) -> Self {
-        self.spec().type_ = Some("LoadBalancer".into());
-        let status = self.0.status.get_or_insert_with(ServiceStatus::default);
-        let lb = status
-            .load_balancer
-            .get_or_insert_with(LoadBalancerStatus::default);
-        lb.ingress
-            .get_or_insert_with(Vec::new)
-            .push(LoadBalancerIngress {
-                ip: Some(ip.into()),
-                ip_mode: ip_mode.map(str::to_owned),
-                ..LoadBalancerIngress::default()
-            });
-        self
+    pub fn lb(self, ip: &str, ip_mode: Option<&str>) -> Self {
+        self.ingress(LoadBalancerIngress {
+            ip: Some(ip.into()),
+            ip_mode: ip_mode.map(str::to_owned),
+            ..LoadBalancerIngress::default()
+        })
     }
 
     /// Makes it a LoadBalancer whose ingress has only a hostname.
-    pub fn lb_hostname(mut self, host: &str) -> Self {
+    pub fn lb_hostname(self, host: &str) -> Self {
+        self.ingress(LoadBalancerIngress {
+            hostname: Some(host.into()),
+            ..LoadBalancerIngress::default()
+        })
+    }
+
+    /// Makes it a LoadBalancer and adds a status.loadBalancer.ingress entry.
+    fn ingress(mut self, ingress: LoadBalancerIngress) -> Self {
         self.spec().type_ = Some("LoadBalancer".into());
         let status = self.0.status.get_or_insert_with(ServiceStatus::default);
         let lb = status
             .load_balancer
             .get_or_insert_with(LoadBalancerStatus::default);
-        lb.ingress
-            .get_or_insert_with(Vec::new)
-            .push(LoadBalancerIngress {
-                hostname: Some(host.into()),
-                ..LoadBalancerIngress::default()
-            });
+        lb.ingress.get_or_insert_with(Vec::new).push(ingress);
         self
     }
 

@@ -361,6 +361,28 @@ fn goto(chain: &str) -> Statement {
     Statement::Verdict(Verdict::Goto(chain.into()))
 }
 
+/// "From a local pod" as a match (§4.10), or its negation; `None` without a detector.
+fn local_match(detector: &LocalDetector, negate: bool) -> Option<Match> {
+    match detector {
+        LocalDetector::None => None,
+        LocalDetector::Cidr(net) => Some(Match::Net {
+            addr: Addr::Saddr,
+            negate,
+            net: *net,
+        }),
+        LocalDetector::BridgeInterface(b) => Some(Match::IifName {
+            name: b.clone(),
+            prefix: false,
+            negate,
+        }),
+        LocalDetector::InterfaceNamePrefix(p) => Some(Match::IifName {
+            name: p.clone(),
+            prefix: true,
+            negate,
+        }),
+    }
+}
+
 /// The chains, sets and elements of one service port (§4, §5 as decided by the model).
 fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
     let base = naming::service_base(&sp.name);
@@ -430,49 +452,13 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
         let r = if fam.masquerade_all {
             r
         } else {
-            match &fam.detector {
-                LocalDetector::None => return None,
-                LocalDetector::Cidr(net) => r.m(Match::Net {
-                    addr: Addr::Saddr,
-                    negate: true,
-                    net: *net,
-                }),
-                LocalDetector::BridgeInterface(b) => r.m(Match::IifName {
-                    name: b.clone(),
-                    prefix: false,
-                    negate: true,
-                }),
-                LocalDetector::InterfaceNamePrefix(p) => r.m(Match::IifName {
-                    name: p.clone(),
-                    prefix: true,
-                    negate: true,
-                }),
-            }
+            r.m(local_match(&fam.detector, true)?)
         };
         Some(r.s(Statement::Verdict(Verdict::Jump(
             layout::MARK_FOR_MASQUERADE.into(),
         ))))
     };
-    let pod_match = || -> Option<Match> {
-        match &fam.detector {
-            LocalDetector::None => None,
-            LocalDetector::Cidr(net) => Some(Match::Net {
-                addr: Addr::Saddr,
-                negate: false,
-                net: *net,
-            }),
-            LocalDetector::BridgeInterface(b) => Some(Match::IifName {
-                name: b.clone(),
-                prefix: false,
-                negate: false,
-            }),
-            LocalDetector::InterfaceNamePrefix(p) => Some(Match::IifName {
-                name: p.clone(),
-                prefix: true,
-                negate: false,
-            }),
-        }
-    };
+    let pod_match = || local_match(&fam.detector, false);
     // A set chain: affinity checks, then a uniform random pick without any set (§5.3, §5.4).
     let set_chain = |name: &str, set: &[Endpoint], internal: bool| -> Vec<Rule> {
         let mut rules = Vec::new();
@@ -525,40 +511,17 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
     }
 
     // ClusterIP.
-    match sp.internal {
-        InternalAction::Cluster => {
-            o.elements.insert(map_elem(
-                layout::SERVICE_IPS,
-                vip(sp.cluster_ip),
-                Verdict::Goto(svc_chain.clone()),
-                &comment,
-            ));
-        }
-        InternalAction::Local => {
-            o.elements.insert(map_elem(
-                layout::SERVICE_IPS,
-                vip(sp.cluster_ip),
-                Verdict::Goto(local_chain.clone()),
-                &comment,
-            ));
-        }
-        InternalAction::Drop => {
-            o.elements.insert(map_elem(
-                layout::SERVICE_IPS,
-                vip(sp.cluster_ip),
-                Verdict::Drop,
-                &comment,
-            ));
-        }
-        InternalAction::Reject => {
-            o.elements.insert(map_elem(
-                layout::NO_ENDPOINT_SERVICES,
-                vip(sp.cluster_ip),
-                Verdict::Goto(layout::REJECT_CHAIN.into()),
-                &comment,
-            ));
-        }
-    }
+    let (map, verdict) = match sp.internal {
+        InternalAction::Cluster => (layout::SERVICE_IPS, Verdict::Goto(svc_chain.clone())),
+        InternalAction::Local => (layout::SERVICE_IPS, Verdict::Goto(local_chain.clone())),
+        InternalAction::Drop => (layout::SERVICE_IPS, Verdict::Drop),
+        InternalAction::Reject => (
+            layout::NO_ENDPOINT_SERVICES,
+            Verdict::Goto(layout::REJECT_CHAIN.into()),
+        ),
+    };
+    o.elements
+        .insert(map_elem(map, vip(sp.cluster_ip), verdict, &comment));
 
     // External frontends.
     let Some(external) = sp.external else {
