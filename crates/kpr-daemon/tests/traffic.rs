@@ -114,7 +114,8 @@ impl Cluster {
     }
 
     /// Starts the proxy in the node namespace and waits for its first sync.
-    fn start_proxy(&mut self) {
+    /// Returns the proxy's process id.
+    fn start_proxy(&mut self) -> u32 {
         let cmd = format!(
             "exec {} --proxy-mode nftables --manifests {} --hostname-override node-a --cluster-cidr 10.0.0.0/8 --nodeport-addresses primary --iptables-min-sync-period 0s -v 2 2>>{}",
             env!("CARGO_BIN_EXE_kube-proxy-rs"),
@@ -122,10 +123,12 @@ impl Cluster {
             self.log.display()
         );
         let node = self.node.clone();
-        self.lab.spawn(&node, &["sh", "-c", &cmd]);
+        let before = self.syncs();
+        let pid = self.lab.spawn(&node, &["sh", "-c", &cmd]).id();
         Lab::wait_for("the first sync", Duration::from_secs(10), || {
-            self.logged("Synced nftables rules")
+            self.syncs() > before
         });
+        pid
     }
 
     fn logged(&self, what: &str) -> bool {
@@ -622,5 +625,83 @@ fn nothing_is_programmed_outside_the_test_namespaces() {
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("kube-proxy-rs"),
         "a kube-proxy-rs table exists in the test's own namespace"
+    );
+}
+
+/// The proxy stops on SIGTERM leaving its rules in place (traffic keeps flowing while it is
+/// down), and a restart adopts the table without breaking an established connection (§2,
+/// issue 5's lifecycle; the data plane makes it possible).
+#[test]
+fn rules_survive_a_restart_and_established_connections_keep_working() {
+    let Some(mut c) = Cluster::new("restart") else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", None);
+    c.pod("pod1", "10.0.0.11", None);
+    let ports = "[{name: http, port: 80, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
+    let ep_ports =
+        "[{name: http, port: 8080, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
+    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", ports));
+    c.manifest(
+        "eps.yaml",
+        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], ep_ports),
+    );
+    let pid = c.start_proxy();
+    let (fifo, out, go) = (
+        c.dir.path().join("in"),
+        c.dir.path().join("out"),
+        c.dir.path().join("go"),
+    );
+    c.lab.sh(&client, &format!("mkfifo {}", fifo.display()));
+    let reader = format!(
+        "exec socat -T60 - TCP:172.30.0.10:9000 < {} > {}",
+        fifo.display(),
+        out.display()
+    );
+    c.lab.spawn(&client, &["sh", "-c", &reader]);
+    let writer = format!(
+        "exec 3>{} ; echo one >&3 ; while [ ! -e {} ]; do sleep 0.1; done ; echo two >&3 ; sleep 5",
+        fifo.display(),
+        go.display()
+    );
+    c.lab.spawn(&client, &["sh", "-c", &writer]);
+    Lab::wait_for("the first echo", Duration::from_secs(5), || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("one")
+    });
+
+    // Stop the proxy: its rules stay, new connections still work.
+    c.lab.sh(&c.node, &format!("kill -TERM {pid}"));
+    Lab::wait_for("the proxy to stop", Duration::from_secs(5), || {
+        c.logged("Shutting down")
+    });
+    assert!(
+        c.nft("list map ip kube-proxy-rs service-ips")
+            .contains("172.30.0.10"),
+        "rules kept after SIGTERM"
+    );
+    assert_eq!(
+        who(&c.lab.tcp(&client, "172.30.0.10", 80)),
+        "pod1",
+        "traffic flows while the proxy is down"
+    );
+
+    // Start it again: it adopts the table; the established connection keeps working.
+    c.start_proxy();
+    assert_eq!(
+        who(&c.lab.tcp(&client, "172.30.0.10", 80)),
+        "pod1",
+        "new connections work right after start"
+    );
+    std::fs::write(&go, "").unwrap();
+    Lab::wait_for(
+        "the echo on the established connection",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .contains("two")
+        },
     );
 }
