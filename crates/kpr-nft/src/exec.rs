@@ -98,6 +98,11 @@ impl Executor for NftCli {
     }
 
     fn table_intact(&mut self, table: &Table, canary: &str) -> Result<bool, ApplyError> {
+        if self.netns.is_none() {
+            // In our own namespace: one filtered netlink dump, no `nft` cache fill.
+            return crate::netlink::chain_rule_count(table.family, &table.name, canary)
+                .map(|n| n.unwrap_or(0) > 0);
+        }
         match self.run(
             &["list", "chain", table.family.as_str(), &table.name, canary],
             None,

@@ -8,6 +8,7 @@
 
 pub mod exec;
 pub mod fake;
+pub mod netlink;
 pub mod objects;
 pub mod text;
 pub mod transaction;
