@@ -221,3 +221,26 @@ fn running_follows_the_directory_and_stops_on_sigterm() {
     wait_for("Shutting down");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// The whole nftables ruleset for the example cluster, as `--dry-run` prints it (snapshot).
+#[test]
+fn dry_run_prints_the_nftables_ruleset_of_the_examples() {
+    let out = kpr(&[
+        "--manifests",
+        "examples/manifests",
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+        "--proxy-mode",
+        "nftables",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let ruleset = stdout
+        .split("# the nftables ruleset")
+        .nth(1)
+        .expect("a ruleset section");
+    insta::assert_snapshot!("dry_run_nftables_ruleset", ruleset);
+}

@@ -16,8 +16,12 @@ fn main() {
     // Re-executed inside the namespace: time the netlink repair check there.
     if std::env::args().nth(1).as_deref() == Some("--probe") {
         let t = Instant::now();
-        let n = kpr_nft::netlink::chain_rule_count(Family::Ip, "kube-proxy-rs", "masquerading").unwrap();
-        println!("repair check over netlink (filtered rule dump): {:?}, rules={n:?}", t.elapsed());
+        let n = kpr_nft::netlink::chain_rule_count(Family::Ip, "kube-proxy-rs", "masquerading")
+            .unwrap();
+        println!(
+            "repair check over netlink (filtered rule dump): {:?}, rules={n:?}",
+            t.elapsed()
+        );
         return;
     }
     let n: u32 = std::env::args()
@@ -127,7 +131,12 @@ fn run(n: u32, ns: &str) {
         tables.lines().count()
     );
     let exe = std::env::current_exe().unwrap();
-    let probe = Command::new("ip").args(["netns", "exec", ns]).arg(exe).arg("--probe").output().unwrap();
+    let probe = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(exe)
+        .arg("--probe")
+        .output()
+        .unwrap();
     print!("{}", String::from_utf8_lossy(&probe.stdout));
     // Cold start in bounded transactions, in a fresh table.
     cli.run(&["delete", "table", "ip", "kube-proxy-rs"], None)
