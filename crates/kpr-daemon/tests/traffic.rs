@@ -153,8 +153,57 @@ impl Cluster {
         });
     }
 
+    /// Opens a long-lived TCP connection from `client` to an echo server (port 9000 behind
+    /// `dst`), sends a first line and waits for its echo.
+    fn open_echo(&mut self, client: &str, dst: &str) -> Echo {
+        let d = self.dir.path();
+        let (fifo, out, go) = (d.join("echo-in"), d.join("echo-out"), d.join("echo-go"));
+        self.lab.sh(client, &format!("mkfifo {}", fifo.display()));
+        let reader = format!(
+            "exec socat -T60 - TCP:{dst}:9000 < {} > {}",
+            fifo.display(),
+            out.display()
+        );
+        self.lab.spawn(client, &["sh", "-c", &reader]);
+        let writer = format!(
+            "exec 3>{} ; echo one >&3 ; while [ ! -e {} ]; do sleep 0.1; done ; echo two >&3 ; sleep 5",
+            fifo.display(),
+            go.display()
+        );
+        self.lab.spawn(client, &["sh", "-c", &writer]);
+        let echo = Echo { out, go };
+        echo.wait_for("one");
+        echo
+    }
+
     fn nft(&self, args: &str) -> String {
         self.lab.sh(&self.node, &format!("nft {args}"))
+    }
+}
+
+/// A long-lived connection through a Service (see `Cluster::open_echo`).
+struct Echo {
+    out: PathBuf,
+    go: PathBuf,
+}
+
+impl Echo {
+    fn wait_for(&self, line: &str) {
+        Lab::wait_for(
+            &format!("{line:?} echoed on the long-lived connection"),
+            Duration::from_secs(5),
+            || {
+                std::fs::read_to_string(&self.out)
+                    .unwrap_or_default()
+                    .contains(line)
+            },
+        );
+    }
+
+    /// Sends the second line and waits for its echo: the connection still works.
+    fn still_works(&self) {
+        std::fs::write(&self.go, "").unwrap();
+        self.wait_for("two");
     }
 }
 
@@ -476,27 +525,7 @@ fn manifest_edits_steer_new_connections_and_established_ones_survive() {
     );
     c.start_proxy();
     // A long-lived connection to pod1's echo server through the Service.
-    let fifo = c.dir.path().join("in");
-    c.lab.sh(&client, &format!("mkfifo {}", fifo.display()));
-    let out = c.dir.path().join("out");
-    let script = format!(
-        "exec socat -T30 - TCP:172.30.0.10:9000 < {} > {}",
-        fifo.display(),
-        out.display()
-    );
-    c.lab.spawn(&client, &["sh", "-c", &script]);
-    let writer = c.dir.path().join("writer");
-    let hold = format!(
-        "exec 3>{} ; echo one >&3 ; while [ ! -e {} ]; do sleep 0.1; done ; echo two >&3 ; sleep 2",
-        fifo.display(),
-        writer.display()
-    );
-    c.lab.spawn(&client, &["sh", "-c", &hold]);
-    Lab::wait_for("the first echo", Duration::from_secs(5), || {
-        std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains("one")
-    });
+    let echo = c.open_echo(&client, "172.30.0.10");
     // Move the Service to pod2: new connections go there within 2 s.
     let start = Instant::now();
     c.manifest(
@@ -513,16 +542,7 @@ fn manifest_edits_steer_new_connections_and_established_ones_survive() {
         assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod2");
     }
     // The established connection to pod1 still works.
-    std::fs::write(&writer, "").unwrap();
-    Lab::wait_for(
-        "the echo on the established connection",
-        Duration::from_secs(5),
-        || {
-            std::fs::read_to_string(&out)
-                .unwrap_or_default()
-                .contains("two")
-        },
-    );
+    echo.still_works();
     // Delete the Service: no more DNAT.
     c.remove("svc.yaml");
     Lab::wait_for("the Service to be gone", Duration::from_secs(3), || {
@@ -647,29 +667,7 @@ fn rules_survive_a_restart_and_established_connections_keep_working() {
         &slice("web", "IPv4", &[("10.0.0.11", "node-a")], ep_ports),
     );
     let pid = c.start_proxy();
-    let (fifo, out, go) = (
-        c.dir.path().join("in"),
-        c.dir.path().join("out"),
-        c.dir.path().join("go"),
-    );
-    c.lab.sh(&client, &format!("mkfifo {}", fifo.display()));
-    let reader = format!(
-        "exec socat -T60 - TCP:172.30.0.10:9000 < {} > {}",
-        fifo.display(),
-        out.display()
-    );
-    c.lab.spawn(&client, &["sh", "-c", &reader]);
-    let writer = format!(
-        "exec 3>{} ; echo one >&3 ; while [ ! -e {} ]; do sleep 0.1; done ; echo two >&3 ; sleep 5",
-        fifo.display(),
-        go.display()
-    );
-    c.lab.spawn(&client, &["sh", "-c", &writer]);
-    Lab::wait_for("the first echo", Duration::from_secs(5), || {
-        std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains("one")
-    });
+    let echo = c.open_echo(&client, "172.30.0.10");
 
     // Stop the proxy: its rules stay, new connections still work.
     c.lab.sh(&c.node, &format!("kill -TERM {pid}"));
@@ -694,14 +692,5 @@ fn rules_survive_a_restart_and_established_connections_keep_working() {
         "pod1",
         "new connections work right after start"
     );
-    std::fs::write(&go, "").unwrap();
-    Lab::wait_for(
-        "the echo on the established connection",
-        Duration::from_secs(5),
-        || {
-            std::fs::read_to_string(&out)
-                .unwrap_or_default()
-                .contains("two")
-        },
-    );
+    echo.still_works();
 }
