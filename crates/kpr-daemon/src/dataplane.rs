@@ -103,13 +103,18 @@ impl Dataplane {
         let start = Instant::now();
         let mut report = ApplyReport::default();
         for (family, fam) in &desired.families {
-            let cfg = NftConfig::new(
-                *family,
-                self.masquerade_bit,
-                node_port_addrs(&self.node_ports, *family, ctx),
-            );
             let committed = self.rendered.entry(*family).or_default();
             let full = plan.full || committed.is_empty();
+            // NodePort addresses (which may mean listing interfaces) are worked out on full
+            // syncs only; a node IP change makes the sync loop plan a full one.
+            let cfg = match committed.config() {
+                Some(cfg) if !full => cfg.clone(),
+                _ => NftConfig::new(
+                    *family,
+                    self.masquerade_bit,
+                    node_port_addrs(&self.node_ports, *family, ctx),
+                ),
+            };
             // Cold start (no table of ours in the kernel): bounded transactions, so no single
             // one holds the nftables mutex for long. Otherwise one atomic transaction.
             let cold = committed.is_empty()
@@ -197,15 +202,7 @@ pub fn ruleset_text(
             masquerade_bit,
             node_port_addrs(node_ports, *family, ctx),
         );
-        let tx = render(
-            fam,
-            &cfg,
-            &mut Rendered::default(),
-            &SyncPlan {
-                full: true,
-                ..SyncPlan::default()
-            },
-        );
+        let tx = render(fam, &cfg, &mut Rendered::default(), &SyncPlan::full());
         let mut fake = Fake::default();
         match fake.apply(&tx) {
             Ok(()) => out.push_str(&fake.listing()),

@@ -23,6 +23,20 @@ fn kpr(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `--dry-run` on the example manifests as this node, with extra flags.
+fn dry_run_examples(extra: &[&str]) -> Output {
+    let base = [
+        "--manifests",
+        "examples/manifests",
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+        "--dry-run",
+    ];
+    kpr(&[&base[..], extra].concat())
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -145,15 +159,7 @@ fn no_source_is_a_clear_error() {
 
 #[test]
 fn dry_run_on_the_examples_prints_the_desired_state_and_skips_the_broken_object() {
-    let out = kpr(&[
-        "--manifests",
-        "examples/manifests",
-        "--hostname-override",
-        "node-a",
-        "--cluster-cidr",
-        "10.0.0.0/8",
-        "--dry-run",
-    ]);
+    let out = dry_run_examples(&[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
@@ -225,17 +231,7 @@ fn running_follows_the_directory_and_stops_on_sigterm() {
 /// The whole nftables ruleset for the example cluster, as `--dry-run` prints it (snapshot).
 #[test]
 fn dry_run_prints_the_nftables_ruleset_of_the_examples() {
-    let out = kpr(&[
-        "--manifests",
-        "examples/manifests",
-        "--hostname-override",
-        "node-a",
-        "--cluster-cidr",
-        "10.0.0.0/8",
-        "--proxy-mode",
-        "nftables",
-        "--dry-run",
-    ]);
+    let out = dry_run_examples(&["--proxy-mode", "nftables"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let ruleset = stdout

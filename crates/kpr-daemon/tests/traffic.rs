@@ -244,6 +244,11 @@ fn slice(svc: &str, family: &str, eps: &[(&str, &str)], ports: &str) -> String {
     s
 }
 
+/// A Service port pair: http (answers with the pod name) and echo (a long-lived connection).
+const ECHO_PORTS: &str =
+    "[{name: http, port: 80, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
+const ECHO_EP_PORTS: &str =
+    "[{name: http, port: 8080, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
 const WEB_PORTS: &str =
     "[{name: http, port: 80, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]";
 const WEB_EP_PORTS: &str =
@@ -515,13 +520,10 @@ fn manifest_edits_steer_new_connections_and_established_ones_survive() {
     let client = c.pod("client-pod", "10.0.0.5", None);
     c.pod("pod1", "10.0.0.11", None);
     c.pod("pod2", "10.0.0.12", None);
-    let ports = "[{name: http, port: 80, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
-    let ep_ports =
-        "[{name: http, port: 8080, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
-    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", ports));
+    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", ECHO_PORTS));
     c.manifest(
         "eps.yaml",
-        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], ep_ports),
+        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], ECHO_EP_PORTS),
     );
     c.start_proxy();
     // A long-lived connection to pod1's echo server through the Service.
@@ -530,7 +532,7 @@ fn manifest_edits_steer_new_connections_and_established_ones_survive() {
     let start = Instant::now();
     c.manifest(
         "eps.yaml",
-        &slice("web", "IPv4", &[("10.0.0.12", "node-a")], ep_ports),
+        &slice("web", "IPv4", &[("10.0.0.12", "node-a")], ECHO_EP_PORTS),
     );
     Lab::wait_for(
         "new connections to reach pod2",
@@ -658,13 +660,10 @@ fn rules_survive_a_restart_and_established_connections_keep_working() {
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
     c.pod("pod1", "10.0.0.11", None);
-    let ports = "[{name: http, port: 80, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
-    let ep_ports =
-        "[{name: http, port: 8080, protocol: TCP}, {name: echo, port: 9000, protocol: TCP}]";
-    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", ports));
+    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", ECHO_PORTS));
     c.manifest(
         "eps.yaml",
-        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], ep_ports),
+        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], ECHO_EP_PORTS),
     );
     let pid = c.start_proxy();
     let echo = c.open_echo(&client, "172.30.0.10");

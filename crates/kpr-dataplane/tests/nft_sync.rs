@@ -139,10 +139,7 @@ fn run(
                 &full.families[family],
                 &cfg(*family),
                 &mut Rendered::default(),
-                &SyncPlan {
-                    full: true,
-                    ..SyncPlan::default()
-                },
+                &SyncPlan::full(),
             );
             let mut fresh = Fake::default();
             fresh.apply(&ftx).unwrap();
@@ -304,7 +301,7 @@ proptest! {
                 fake.apply(c).unwrap();
             }
             let mut whole = Rendered::default();
-            let full = render(&d.families[&family], &cfg(family), &mut whole, &SyncPlan { full: true, ..SyncPlan::default() });
+            let full = render(&d.families[&family], &cfg(family), &mut whole, &SyncPlan::full());
             let mut reference = Fake::default();
             reference.apply(&full).unwrap();
             prop_assert_eq!(fake.dump(), reference.dump());

@@ -66,15 +66,7 @@ impl H {
         let d = desired(self.t.state(), &ctx, &policy);
         let fam = &d.families[&IpFamily::V4];
         let cfg = NftConfig::new(IpFamily::V4, 14, NodePortAddrs::List(vec![ip(NODE_IP)]));
-        let tx = render(
-            fam,
-            &cfg,
-            &mut Rendered::default(),
-            &SyncPlan {
-                full: true,
-                ..SyncPlan::default()
-            },
-        );
+        let tx = render(fam, &cfg, &mut Rendered::default(), &SyncPlan::full());
         let view = TxView::from_full(&tx);
         let proto_nft = kpr_dataplane::nftables::layout::l4(proto);
         let pkt = TracePacket {

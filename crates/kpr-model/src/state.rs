@@ -73,6 +73,14 @@ pub struct SyncPlan {
 }
 
 impl SyncPlan {
+    /// A plan that rebuilds everything.
+    pub fn full() -> SyncPlan {
+        SyncPlan {
+            full: true,
+            ..SyncPlan::default()
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         !self.full && self.changed_services.is_empty()
     }

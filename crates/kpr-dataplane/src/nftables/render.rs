@@ -92,6 +92,11 @@ impl Rendered {
         self.config.is_none()
     }
 
+    /// The backend settings of the committed rendering.
+    pub fn config(&self) -> Option<&NftConfig> {
+        self.config.as_ref()
+    }
+
     /// Number of service ports rendered.
     pub fn port_count(&self) -> usize {
         self.ports.len()
