@@ -76,7 +76,12 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     match proxy.mode {
         ProxyMode::Nftables => {
             let mut plane = Dataplane::new(
-                Box::new(kpr_nft::NftCli::default()),
+                // nf_tables netlink directly: no `nft` process and no cache fill per sync.
+                Box::new(kpr_nft::Netlink::open().map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open an nf_tables netlink socket (needs CAP_NET_ADMIN): {e}"
+                    )
+                })?),
                 proxy.masquerade_bit,
                 proxy.node_port_addresses.clone(),
             );

@@ -9,7 +9,7 @@ use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
 use kpr_model::{
     DesiredState, Input, IpFamily, ObjectKey, SyncPlan, Trackers, Update, desired, update_desired,
 };
-use kpr_nft::{Executor, Fake, NftCli, normalize};
+use kpr_nft::{Executor, Fake, Netlink, NftCli, normalize};
 use kpr_testkit::*;
 use proptest::prelude::*;
 use std::process::Command;
@@ -190,10 +190,21 @@ impl Drop for Netns {
     }
 }
 
-/// The kernel holds exactly what the fake holds, after a full sync and after each partial one.
+/// The kernel holds exactly what the fake holds, after a full sync and after each partial one,
+/// with the transactions applied through netlink (the daemon's executor).
 #[test]
 fn the_kernel_agrees_with_the_fake() {
-    let Some(ns) = Netns::new("agree") else {
+    kernel_agrees("agree-nl", |ns| Box::new(Netlink::in_netns(ns).unwrap()));
+}
+
+/// The same through `nft -f`, the reference the netlink encoder is checked against.
+#[test]
+fn the_kernel_agrees_with_the_fake_through_nft() {
+    kernel_agrees("agree-cli", |ns| Box::new(NftCli::in_netns(ns)));
+}
+
+fn kernel_agrees(tag: &str, executor: impl Fn(&str) -> Box<dyn Executor>) {
+    let Some(ns) = Netns::new(tag) else {
         return;
     };
     let events = vec![
@@ -214,8 +225,8 @@ fn the_kernel_agrees_with_the_fake() {
     ];
     let cli = NftCli::in_netns(&ns.0);
     let mut execs: Vec<(IpFamily, Box<dyn Executor>)> = vec![
-        (IpFamily::V4, Box::new(cli.clone())),
-        (IpFamily::V6, Box::new(cli.clone())),
+        (IpFamily::V4, executor(&ns.0)),
+        (IpFamily::V6, executor(&ns.0)),
     ];
     let mut checks = 0;
     run(&events, &mut execs, |family, fake| {
@@ -258,17 +269,22 @@ fn the_kernel_and_the_fake_refuse_the_same_transaction() {
     bad.push(kpr_nft::Op::AddRule(kpr_nft::Rule::new("a").s(
         kpr_nft::Statement::Verdict(kpr_nft::Verdict::Jump("missing".into())),
     )));
-    let mut cli = NftCli::in_netns(&ns.0);
+    let cli = NftCli::in_netns(&ns.0);
+    let mut nl = Netlink::in_netns(&ns.0).unwrap();
     let mut fake = Fake::default();
-    Executor::apply(&mut cli, &ok).unwrap();
+    Executor::apply(&mut nl, &ok).unwrap();
     fake.apply(&ok).unwrap();
     let before = cli
         .list_table(kpr_nft::Family::Ip, "kube-proxy-rs")
         .unwrap()
         .unwrap();
     assert!(
-        Executor::apply(&mut cli, &bad).is_err(),
-        "kernel accepted a dangling jump"
+        Executor::apply(&mut nl, &bad).is_err(),
+        "kernel accepted a dangling jump (netlink)"
+    );
+    assert!(
+        Executor::apply(&mut cli.clone(), &bad).is_err(),
+        "kernel accepted a dangling jump (nft -f)"
     );
     assert!(fake.apply(&bad).is_err(), "fake accepted a dangling jump");
     let after = cli

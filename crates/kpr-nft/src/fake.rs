@@ -441,6 +441,9 @@ fn dump_table(family: Family, name: &str, t: &TableState) -> String {
     }
     for (c, rules) in &t.chains {
         let mut b = format!("\tchain {} {{\n", c.name);
+        if let Some(cm) = &c.comment {
+            b.push_str(&format!("\t\tcomment {}\n", text::quote(cm)));
+        }
         if let Some(base) = &c.base {
             b.push_str(&format!("\t\t{}\n", text::base_decl(base, true)));
         }

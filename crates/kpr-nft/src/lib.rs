@@ -4,7 +4,8 @@
 //! [`Executor`] applies it atomically (all or nothing). [`Fake`] is as strict as the kernel
 //! (dangling jumps, missing sets or maps, and duplicates are errors; a failed transaction changes
 //! nothing) and dumps its state in `nft list table` form, so tests can compare it with the
-//! kernel. [`NftCli`] drives `nft -f -`. Only executors touch the kernel.
+//! kernel. [`Netlink`] speaks nf_tables netlink directly (the daemon's executor); [`NftCli`] drives
+//! `nft -f -` (the reference it is checked against). Only executors touch the kernel.
 
 pub mod exec;
 pub mod fake;
@@ -15,5 +16,6 @@ pub mod transaction;
 
 pub use exec::{Executor, NftCli};
 pub use fake::{ApplyError, Fake, normalize};
+pub use netlink::Netlink;
 pub use objects::*;
 pub use transaction::{Op, Transaction};

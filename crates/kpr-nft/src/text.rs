@@ -14,10 +14,10 @@ use std::net::IpAddr;
 /// Longest comment nft accepts (NFT_USERDATA_MAXLEN is 256; nft limits comments to 128).
 pub const MAX_COMMENT: usize = 128;
 
-/// A comment reduced to `[A-Za-z0-9 ./:_-]`, other characters replaced by `_`, quoted.
-pub fn quote(s: &str) -> String {
-    let clean: String = s
-        .chars()
+/// A comment reduced to `[A-Za-z0-9 ./:_-]`, other characters replaced by `_`, at most
+/// [`MAX_COMMENT`] characters: what both executors store, so listings compare.
+pub fn clean_comment(s: &str) -> String {
+    s.chars()
         .take(MAX_COMMENT)
         .map(|c| {
             if c.is_ascii_alphanumeric() || " ./:_-".contains(c) {
@@ -26,8 +26,26 @@ pub fn quote(s: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("\"{clean}\"")
+        .collect()
+}
+
+/// [`clean_comment`], quoted.
+pub fn quote(s: &str) -> String {
+    format!("\"{}\"", clean_comment(s))
+}
+
+/// An interface name reduced to `[A-Za-z0-9._-]`, at most 15 characters (IFNAMSIZ - 1).
+pub fn clean_ifname(name: &str) -> String {
+    name.chars()
+        .take(15)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// Whether a chain, set or map name is one nft accepts unquoted: `[A-Za-z_][A-Za-z0-9_./-]*`,
@@ -98,6 +116,7 @@ fn priority(hook: Hook, p: i32) -> String {
     let (name, base) = match hook {
         Hook::Prerouting => ("dstnat", priority::DSTNAT),
         Hook::Postrouting => ("srcnat", priority::SRCNAT),
+        _ if p == priority::FILTER => return "filter".to_owned(),
         _ => return p.to_string(),
     };
     match p - base {
@@ -187,17 +206,7 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                 prefix,
                 negate,
             } => {
-                let clean: String = name
-                    .chars()
-                    .take(15)
-                    .map(|c| {
-                        if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                            c
-                        } else {
-                            '_'
-                        }
-                    })
-                    .collect();
+                let clean = clean_ifname(name);
                 format!(
                     "iifname {}\"{clean}{}\"",
                     if *negate { "!= " } else { "" },
@@ -289,15 +298,25 @@ pub fn script(tx: &Transaction) -> String {
                 None => writeln!(out, "add table {t}"),
             },
             Op::DeleteTable => writeln!(out, "delete table {t}"),
-            Op::AddChain(c) => match &c.base {
-                Some(b) => writeln!(
-                    out,
-                    "add chain {t} {} {{ {} }}",
-                    c.name,
-                    base_decl(b, false).replace(';', " ;")
-                ),
-                None => writeln!(out, "add chain {t} {}", c.name),
-            },
+            Op::AddChain(c) => {
+                let mut body = c
+                    .base
+                    .map(|b| base_decl(&b, false).replace(';', " ;"))
+                    .unwrap_or_default();
+                if let Some(cm) = &c.comment {
+                    let _ = write!(
+                        body,
+                        "{}comment {} ;",
+                        if body.is_empty() { "" } else { " " },
+                        quote(cm)
+                    );
+                }
+                if body.is_empty() {
+                    writeln!(out, "add chain {t} {}", c.name)
+                } else {
+                    writeln!(out, "add chain {t} {} {{ {body} }}", c.name)
+                }
+            }
             Op::FlushChain(c) => writeln!(out, "flush chain {t} {c}"),
             Op::DeleteChain(c) => writeln!(out, "delete chain {t} {c}"),
             Op::AddRule(r) => writeln!(out, "add rule {t} {} {}", r.chain, rule(r, f, false)),

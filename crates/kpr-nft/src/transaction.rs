@@ -16,7 +16,8 @@ pub enum Op {
     AddRule(Rule),
     AddSet(Set),
     AddMap(Map),
-    /// Removes every element of the set or map.
+    /// Removes every element of a set (its `nft -f` text, `flush set`, would not name a map;
+    /// the netlink executor flushes either).
     FlushSet(String),
     DeleteSet(String),
     AddElement(Element),

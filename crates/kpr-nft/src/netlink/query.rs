@@ -1,11 +1,10 @@
 //! Direct nf_tables netlink queries, without the `nft` CLI (which fills its cache with the whole
 //! ruleset before every command: 80 ms to list one chain at 10,000 Services). First use: the
-//! active-repair check, a filtered dump of one chain's rules. Runs in the calling process's
-//! network namespace.
+//! active-repair check, a filtered dump of one chain's rules.
 
 use crate::fake::ApplyError;
 use crate::objects::Family;
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::Socket;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWRULE: u16 = 6;
@@ -82,18 +81,18 @@ fn parse(buf: &[u8]) -> Result<Chunk, ApplyError> {
     Ok(Chunk::More(rules))
 }
 
-/// The number of rules in a chain, or `None` when the table or chain does not exist.
-pub fn chain_rule_count(
+/// The number of rules in a chain, or `None` when the table or chain does not exist, asked on
+/// `socket` (a bound nf_tables socket; see `super::open_socket`).
+pub(crate) fn chain_rule_count_on(
+    socket: &Socket,
     family: Family,
     table: &str,
     chain: &str,
+    seq: u32,
 ) -> Result<Option<usize>, ApplyError> {
     let err = |e: std::io::Error| ApplyError::Spawn(format!("netlink: {e}"));
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(err)?;
-    socket.bind_auto().map_err(err)?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
     socket
-        .send(&get_rules_request(family, table, chain, 1), 0)
+        .send(&get_rules_request(family, table, chain, seq), 0)
         .map_err(err)?;
     let mut total = 0;
     loop {
