@@ -462,6 +462,13 @@ fn t4_3_1_itp_local_t5_4_1_affinity_and_t4_9_1_hairpin() {
             ep_http,
         ),
     );
+    // A Service without affinity picks its endpoint through an endpoint map: hairpin is
+    // masqueraded by the `hairpin-endpoints` pair set in postrouting.
+    c.manifest("hp.yaml", &service("hp", "172.30.0.50", "", http));
+    c.manifest(
+        "hp-eps.yaml",
+        &slice("hp", "IPv4", &[("10.0.0.11", "node-a")], ep_http),
+    );
     c.start_proxy();
     assert_eq!(
         c.lab.tcp(&client, "172.30.0.30", 80),
@@ -485,6 +492,18 @@ fn t4_3_1_itp_local_t5_4_1_affinity_and_t4_9_1_hairpin() {
     let r = c.lab.tcp(&pod1, "172.30.0.40", 80);
     assert_eq!(who(&r), "pod1");
     assert_ne!(peer(&r), "10.0.0.11", "hairpin traffic is masqueraded");
+    let r = c.lab.tcp(&pod1, "172.30.0.50", 80);
+    assert_eq!(who(&r), "pod1");
+    assert_ne!(
+        peer(&r),
+        "10.0.0.11",
+        "hairpin through an endpoint map is masqueraded"
+    );
+    let client_ip = peer(&c.lab.tcp(&client, "172.30.0.50", 80));
+    assert_eq!(
+        client_ip, "10.0.0.5",
+        "a pod reaching another pod keeps its address"
+    );
 }
 
 /// IPv6 ClusterIP from an IPv6 pod.

@@ -8,7 +8,7 @@
 
 use kpr_nft::*;
 use kpr_testkit::lab::Lab;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -27,7 +27,15 @@ fn el(set: &str, key: Key, verdict: Option<Verdict>, comment: Option<&str>) -> E
         set: set.into(),
         key,
         verdict,
+        target: None,
         comment: comment.map(Into::into),
+    }
+}
+
+fn bucket(map: &str, lo: u32, hi: u32, to: SocketAddr) -> Element {
+    Element {
+        target: Some(to),
+        ..el(map, Key::Buckets(lo, hi), None, None)
     }
 }
 
@@ -103,6 +111,18 @@ fn everything(family: Family) -> Transaction {
         timeout: None,
         comment: Some("ranges".into()),
     }));
+    tx.push(Op::AddMap(Map {
+        name: "eps".into(),
+        key: KeyType::Bucket(L4Proto::Udp),
+        comment: Some("ns/svc:p endpoints".into()),
+    }));
+    tx.push(Op::AddSet(Set {
+        name: "pairs".into(),
+        key: KeyType::AddrPair,
+        interval: false,
+        timeout: None,
+        comment: None,
+    }));
     tx.push(Op::AddSet(Set {
         name: "plain".into(),
         key: KeyType::Addr,
@@ -143,6 +163,16 @@ fn everything(family: Family) -> Transaction {
     tx.push(Op::AddElement(el(
         "ranges",
         Key::Net(n("192.168.1.1/32", "2001:db8::1/128")),
+        None,
+        None,
+    )));
+    let ep = |i: u16| SocketAddr::new(a(&format!("10.0.0.{i}"), &format!("fd00::{i}")), 8000 + i);
+    tx.push(Op::AddElement(bucket("eps", 0, 21844, ep(1))));
+    tx.push(Op::AddElement(bucket("eps", 21845, 43689, ep(2))));
+    tx.push(Op::AddElement(bucket("eps", 43690, 65535, ep(3))));
+    tx.push(Op::AddElement(el(
+        "pairs",
+        Key::AddrPair(ep(1).ip(), ep(1).ip()),
         None,
         None,
     )));
@@ -256,6 +286,15 @@ fn everything(family: Family) -> Transaction {
         r("filter-out")
             .m(Match::L4Proto(L4Proto::Sctp))
             .s(Statement::Verdict(Verdict::Drop)),
+        r("ep")
+            .m(Match::L4Proto(L4Proto::Udp))
+            .s(Statement::DnatMap { map: "eps".into() }),
+        r("nat-post")
+            .m(Match::CtStatusDnat)
+            .m(Match::PairInSet {
+                set: "pairs".into(),
+            })
+            .s(Statement::MarkOr(0x4000)),
         r("gone").s(Statement::Verdict(Verdict::Return)),
     ];
     tx.ops.extend(rules.into_iter().map(Op::AddRule));
@@ -296,6 +335,21 @@ fn deletions(family: Family) -> Transaction {
     )));
     tx.push(Op::FlushChain("filter-fwd".into()));
     tx.push(Op::DeleteSet("plain".into()));
+    // An endpoint leaves: its range goes, a neighbour's range grows.
+    let eps: Vec<Element> = full
+        .ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::AddElement(e) if e.set == "eps" => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    tx.push(Op::DeleteElement(eps[1].clone()));
+    tx.push(Op::DeleteElement(eps[2].clone()));
+    tx.push(Op::AddElement(Element {
+        key: Key::Buckets(21845, 65535),
+        ..eps[2].clone()
+    }));
     tx
 }
 

@@ -105,11 +105,11 @@ impl TableState {
 /// Sets a rule reads or writes.
 fn rule_sets(r: &Rule) -> impl Iterator<Item = &str> {
     let m = r.matches.iter().filter_map(|m| match m {
-        Match::InSet { set, .. } => Some(set.as_str()),
+        Match::InSet { set, .. } | Match::PairInSet { set } => Some(set.as_str()),
         _ => None,
     });
     let s = r.statements.iter().filter_map(|s| match s {
-        Statement::Vmap { map, .. } => Some(map.as_str()),
+        Statement::Vmap { map, .. } | Statement::DnatMap { map } => Some(map.as_str()),
         Statement::UpdateSaddr { set } => Some(set.as_str()),
         _ => None,
     });
@@ -274,7 +274,7 @@ fn apply_op(table: &mut Option<TableState>, tx: &Transaction, op: &Op) -> Result
             let (_, kind, els) = t.set_mut(&e.set)?;
             check_key(kind, e, tx.table.family)?;
             match els.get(&e.key) {
-                Some(old) if old.verdict != e.verdict => {
+                Some(old) if old.verdict != e.verdict || old.target != e.target => {
                     return Err(ApplyError::Exists {
                         kind: "element",
                         name: text::key(&e.key),
@@ -282,6 +282,16 @@ fn apply_op(table: &mut Option<TableState>, tx: &Transaction, op: &Op) -> Result
                 }
                 Some(_) => {}
                 None => {
+                    if let Key::Buckets(lo, hi) = e.key
+                        && els
+                            .keys()
+                            .any(|k| matches!(k, Key::Buckets(a, b) if *a <= hi && lo <= *b))
+                    {
+                        return Err(ApplyError::Exists {
+                            kind: "element",
+                            name: format!("{} (overlaps an interval)", text::key(&e.key)),
+                        });
+                    }
                     els.insert(e.key, e.clone());
                 }
             }
@@ -330,8 +340,16 @@ fn check_key(kind: &SetKind, e: &Element, family: Family) -> Result<(), ApplyErr
         }
         (KeyType::AddrProtoPort, Key::AddrProtoPort(a, _, _)) => fam_ok(a),
         (KeyType::ProtoPort, Key::ProtoPort(_, _)) => true,
+        (KeyType::AddrPair, Key::AddrPair(a, b)) => fam_ok(a) && fam_ok(b),
+        (KeyType::Bucket(_), Key::Buckets(lo, hi)) => {
+            lo <= hi && *hi < BUCKETS && e.target.is_some_and(|t| fam_ok(&t.ip()))
+        }
         _ => false,
-    } && matches!(kind, SetKind::Map(_)) == e.verdict.is_some();
+    } && match kind {
+        SetKind::Map(m) if matches!(m.key, KeyType::Bucket(_)) => e.verdict.is_none(),
+        SetKind::Map(_) => e.verdict.is_some() && e.target.is_none(),
+        SetKind::Set(_) => e.verdict.is_none() && e.target.is_none(),
+    };
     if ok {
         Ok(())
     } else {
@@ -366,6 +384,26 @@ fn validate(t: &TableState, _family: Family) -> Result<(), ApplyError> {
             for s in rule_sets(r) {
                 if !t.sets.iter().any(|(n, _, _)| n == s) {
                     return Err(nf("set", s));
+                }
+            }
+            for st in &r.statements {
+                let (name, ok): (&str, fn(&SetKind) -> bool) = match st {
+                    Statement::Vmap { map, .. } => (
+                        map,
+                        |k| matches!(k, SetKind::Map(m) if !matches!(m.key, KeyType::Bucket(_))),
+                    ),
+                    Statement::DnatMap { map } => (
+                        map,
+                        |k| matches!(k, SetKind::Map(m) if matches!(m.key, KeyType::Bucket(_))),
+                    ),
+                    _ => continue,
+                };
+                if t.sets.iter().any(|(n, k, _)| n == name && !ok(k)) {
+                    return Err(ApplyError::Invalid {
+                        kind: "rule",
+                        name: chain.name.clone(),
+                        why: format!("map {name} has the wrong kind of value"),
+                    });
                 }
             }
         }
@@ -410,12 +448,21 @@ fn dump_table(family: Family, name: &str, t: &TableState) -> String {
             KeyType::Addr => addr.to_owned(),
             KeyType::AddrProtoPort => format!("{addr} . inet_proto . inet_service"),
             KeyType::ProtoPort => "inet_proto . inet_service".to_owned(),
+            KeyType::AddrPair => format!("{addr} . {addr}"),
+            KeyType::Bucket(_) => String::new(),
         };
         let (verdict, interval, timeout, comment) = match kind {
             SetKind::Set(s) => ("", s.interval, s.timeout, s.comment.as_ref()),
             SetKind::Map(m) => (" : verdict", false, None, m.comment.as_ref()),
         };
-        b.push_str(&format!("\t\ttype {ty}{verdict}\n"));
+        if let KeyType::Bucket(p) = kind.key() {
+            b.push_str(&format!(
+                "\t\t{}\n\t\tflags interval\n",
+                text::bucket_typeof(family, p)
+            ));
+        } else {
+            b.push_str(&format!("\t\ttype {ty}{verdict}\n"));
+        }
         if timeout.is_some() {
             b.push_str("\t\tsize 65535\n\t\tflags dynamic,timeout\n");
             b.push_str(&format!(

@@ -6,7 +6,11 @@
 
 use ipnet::IpNet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+
+/// The number of buckets `numgen random` draws from to pick an endpoint through a
+/// [`KeyType::Bucket`] map: endpoint `i` of `n` owns an equal share of `0..BUCKETS`.
+pub const BUCKETS: u32 = 65536;
 
 /// The address family of a table. kube-proxy-rs uses one `ip` and one `ip6` table (no `inet`:
 /// no address type spans both families).
@@ -100,6 +104,11 @@ pub enum KeyType {
     AddrProtoPort,
     /// `inet_proto . inet_service`.
     ProtoPort,
+    /// `ipv4_addr . ipv4_addr` (source . destination: the hairpin set).
+    AddrPair,
+    /// `typeof numgen random mod 65536 : ip daddr . tcp dport` (the protocol's `dport`) with
+    /// `flags interval`: an endpoint map, bucket ranges to DNAT targets. Only for maps.
+    Bucket(L4Proto),
 }
 
 /// One key of a set or map element.
@@ -110,6 +119,9 @@ pub enum Key {
     Net(IpNet),
     AddrProtoPort(IpAddr, L4Proto, u16),
     ProtoPort(L4Proto, u16),
+    AddrPair(IpAddr, IpAddr),
+    /// An inclusive range of `numgen` buckets.
+    Buckets(u32, u32),
 }
 
 /// A named set (of addresses or tuples).
@@ -124,7 +136,8 @@ pub struct Set {
     pub comment: Option<String>,
 }
 
-/// A named verdict map.
+/// A named map: a verdict map, or (keyed by [`KeyType::Bucket`]) an endpoint map whose values
+/// are DNAT targets.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Map {
     pub name: String,
@@ -148,8 +161,10 @@ pub struct Element {
     /// The set or map it belongs to.
     pub set: String,
     pub key: Key,
-    /// `Some` for map elements.
+    /// `Some` for verdict map elements.
     pub verdict: Option<Verdict>,
+    /// `Some` for endpoint map elements: the DNAT target.
+    pub target: Option<SocketAddr>,
     pub comment: Option<String>,
 }
 
@@ -196,6 +211,10 @@ pub enum Match {
     RandomOneIn(u32),
     /// `ct state new`.
     CtStateNew,
+    /// `ct status dnat`: the connection's destination was rewritten.
+    CtStatusDnat,
+    /// `ip saddr . ip daddr @set` (a [`KeyType::AddrPair`] set).
+    PairInSet { set: String },
 }
 
 /// What a rule does when it matches, in order.
@@ -221,6 +240,11 @@ pub enum Statement {
     Dnat {
         addr: IpAddr,
         port: u16,
+    },
+    /// `dnat ip addr . port to numgen random mod 65536 map @map`: DNAT to the target of the
+    /// bucket drawn (needs an `L4Proto` match in the rule); no target continues.
+    DnatMap {
+        map: String,
     },
     /// `reject` (ICMP port unreachable; TCP clients see ECONNREFUSED).
     Reject,

@@ -78,7 +78,23 @@ fn key_type(f: Family, k: KeyType) -> String {
         KeyType::Addr => addr_type(f).to_owned(),
         KeyType::AddrProtoPort => format!("{} . inet_proto . inet_service", addr_type(f)),
         KeyType::ProtoPort => "inet_proto . inet_service".to_owned(),
+        KeyType::AddrPair => format!("{} . {}", addr_type(f), addr_type(f)),
+        KeyType::Bucket(_) => "integer".to_owned(),
     }
+}
+
+/// The declaration of an endpoint map's key and value.
+pub(crate) fn bucket_typeof(f: Family, p: L4Proto) -> String {
+    format!(
+        "typeof numgen random mod {BUCKETS} : {} daddr . {} dport",
+        fam(f),
+        p.as_str()
+    )
+}
+
+/// A DNAT target as an endpoint map value (`10.0.0.1 . 8080`).
+pub fn target(t: &std::net::SocketAddr) -> String {
+    format!("{} . {}", t.ip(), t.port())
 }
 
 /// An address or prefix as nft prints it (host prefixes without a length).
@@ -97,6 +113,9 @@ pub fn key(k: &Key) -> String {
         Key::Net(n) => net(n),
         Key::AddrProtoPort(a, p, port) => format!("{a} . {} . {port}", p.as_str()),
         Key::ProtoPort(p, port) => format!("{} . {port}", p.as_str()),
+        Key::AddrPair(a, b) => format!("{a} . {b}"),
+        Key::Buckets(lo, hi) if lo == hi => lo.to_string(),
+        Key::Buckets(lo, hi) => format!("{lo}-{hi}"),
     }
 }
 
@@ -108,6 +127,9 @@ pub fn element(e: &Element) -> String {
     }
     if let Some(v) = &e.verdict {
         let _ = write!(s, " : {v}");
+    }
+    if let Some(t) = &e.target {
+        let _ = write!(s, " : {}", target(t));
     }
     s
 }
@@ -222,6 +244,8 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                 }
             }
             Match::CtStateNew => "ct state new".to_owned(),
+            Match::CtStatusDnat => "ct status dnat".to_owned(),
+            Match::PairInSet { set } => format!("{ip} saddr . {ip} daddr @{set}"),
         });
         i += 1;
     }
@@ -239,6 +263,21 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                 key: KeyType::AddrProtoPort,
                 map,
             } => format!("{ip} daddr . meta l4proto . th dport vmap @{map}"),
+            Statement::Vmap {
+                key: KeyType::AddrPair,
+                map,
+            } => format!("{ip} saddr . {ip} daddr vmap @{map}"),
+            Statement::Vmap {
+                key: KeyType::Bucket(_),
+                map,
+            } => format!("numgen random mod {BUCKETS} vmap @{map}"),
+            // nft lists the map's value type without naming its fields.
+            Statement::DnatMap { map } if listing => {
+                format!("dnat {ip} to numgen random mod {BUCKETS} map @{map}")
+            }
+            Statement::DnatMap { map } => {
+                format!("dnat {ip} addr . port to numgen random mod {BUCKETS} map @{map}")
+            }
             Statement::MarkOr(b) => format!("meta mark set meta mark | {b:#010x}"),
             Statement::MarkXor(b) => format!("meta mark set meta mark ^ {b:#010x}"),
             Statement::UpdateSaddr { set } => format!("update @{set} {{ {ip} saddr }}"),
@@ -269,11 +308,15 @@ fn set_body(
     timeout: Option<u32>,
     comment: Option<&String>,
 ) -> String {
-    let mut b = format!("type {}", key_type(f, key));
-    if verdict {
-        b.push_str(" : verdict");
-    }
-    b.push_str(" ;");
+    let mut b = if let KeyType::Bucket(p) = key {
+        format!("{} ; flags interval ;", bucket_typeof(f, p))
+    } else {
+        format!(
+            "type {}{} ;",
+            key_type(f, key),
+            if verdict { " : verdict" } else { "" }
+        )
+    };
     if interval {
         b.push_str(" flags interval ;");
     }

@@ -33,6 +33,9 @@ pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const FIREWALL_IPS: &str = "firewall-ips";
 pub const CLUSTER_IPS: &str = "cluster-ips";
 pub const NODEPORT_IPS: &str = "nodeport-ips";
+/// `endpoint . endpoint` pairs: a connection DNATed back to its own source (hairpin) is
+/// masqueraded.
+pub const HAIRPIN: &str = "hairpin-endpoints";
 
 /// Base chains: name, type, hook, priority, and the chains they jump to (`ct state new` first
 /// in filter chains, as upstream).
@@ -215,6 +218,13 @@ pub fn fixed_chains(mark: u32, node_ports: &NodePortMatch) -> Vec<(Chain, Vec<Ru
             chain(MASQUERADING),
             vec![
                 Rule::new(MASQUERADING)
+                    .m(Match::CtStatusDnat)
+                    .m(Match::PairInSet {
+                        set: HAIRPIN.into(),
+                    })
+                    .s(Statement::MarkOr(mark))
+                    .comment("hairpin"),
+                Rule::new(MASQUERADING)
                     .m(Match::MarkClear(mark))
                     .s(Statement::Verdict(Verdict::Return)),
                 Rule::new(MASQUERADING).s(Statement::MarkXor(mark)),
@@ -265,6 +275,13 @@ pub fn fixed_maps_and_sets() -> (Vec<Map>, Vec<Set>) {
         vec![
             set(CLUSTER_IPS, "Active ClusterIPs"),
             set(NODEPORT_IPS, "IPs that accept NodePort traffic"),
+            Set {
+                key: KeyType::AddrPair,
+                ..set(
+                    HAIRPIN,
+                    "endpoints that may reach themselves through a Service",
+                )
+            },
         ],
     )
 }

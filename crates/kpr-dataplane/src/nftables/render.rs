@@ -17,8 +17,8 @@ use kpr_model::desired::{
 use kpr_model::node::LocalDetector;
 use kpr_model::{IpFamily, ServicePortName, SyncPlan};
 use kpr_nft::{
-    Addr, Chain, Element, Family, Key, KeyType, Match, Op, Rule, Set, Statement, Table,
-    Transaction, Verdict,
+    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, Map, Match, Op, Rule, Set, Statement,
+    Table, Transaction, Verdict,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -70,8 +70,11 @@ impl NftConfig {
 struct PortObjects {
     chains: BTreeMap<String, Vec<Rule>>,
     sets: BTreeSet<Set>,
+    maps: BTreeSet<Map>,
     elements: BTreeSet<Element>,
-    cluster_ip: Option<IpAddr>,
+    /// Elements other ports may need too (its ClusterIP in `cluster-ips`, its endpoints'
+    /// hairpin pairs): in the kernel while any port needs them.
+    shared: BTreeSet<Element>,
 }
 
 /// What the kernel holds after the last successful transaction, as far as this backend knows.
@@ -81,8 +84,9 @@ pub struct Rendered {
     /// Which port owns each element key (two Services claiming one externalIP:port: the first
     /// in name order wins; an element is never added twice).
     owners: BTreeMap<(String, Key), ServicePortName>,
-    /// ClusterIP reference counts (ports of one Service share it).
-    cluster_ips: BTreeMap<IpAddr, usize>,
+    /// Reference counts of shared elements (ports of one Service share a ClusterIP; Services
+    /// share endpoints).
+    shared: BTreeMap<Element, usize>,
     config: Option<NftConfig>,
 }
 
@@ -120,28 +124,26 @@ pub fn render(
         return tx;
     }
     let next = committed;
-    // ClusterIPs touched by this sync, and whether each was in the set before it.
-    let mut touched: BTreeMap<IpAddr, bool> = BTreeMap::new();
+    // Shared elements touched by this sync, and whether each was in the kernel before it.
+    let mut touched: BTreeMap<Element, bool> = BTreeMap::new();
     let mut tx = Transaction::new(cfg.table());
     let (mut del_elems, mut add_elems) = (Vec::new(), Vec::new());
     let (mut new_chains, mut rewrite, mut stale_chains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut new_sets, mut stale_sets) = (Vec::new(), Vec::new());
+    let (mut new_maps, mut stale_maps) = (Vec::new(), Vec::new());
     for name in &plan.changed_ports {
         let old = next.ports.remove(name).unwrap_or_default();
-        let cips = old
-            .cluster_ip
-            .into_iter()
-            .chain(fam.ports.get(name).map(|sp| sp.cluster_ip));
-        for ip in cips {
-            let present = next.cluster_ips.contains_key(&ip);
-            touched.entry(ip).or_insert(present);
+        let built = fam.ports.get(name).map(|sp| build_port(sp, fam));
+        for e in old
+            .shared
+            .iter()
+            .chain(built.iter().flat_map(|b| &b.shared))
+        {
+            let present = next.shared.contains_key(e);
+            touched.entry(e.clone()).or_insert(present);
         }
         next.release(name, &old);
-        let new = fam
-            .ports
-            .get(name)
-            .map(|sp| next.claim(name, build_port(sp, fam)))
-            .unwrap_or_default();
+        let new = built.map(|b| next.claim(name, b)).unwrap_or_default();
         del_elems.extend(old.elements.difference(&new.elements).cloned());
         add_elems.extend(new.elements.difference(&old.elements).cloned());
         for (chain, rules) in &new.chains {
@@ -162,20 +164,23 @@ pub fn render(
         );
         new_sets.extend(new.sets.difference(&old.sets).cloned());
         stale_sets.extend(old.sets.difference(&new.sets).map(|s| s.name.clone()));
-        if !new.chains.is_empty() || new.cluster_ip.is_some() {
+        new_maps.extend(new.maps.difference(&old.maps).cloned());
+        stale_maps.extend(old.maps.difference(&new.maps).map(|m| m.name.clone()));
+        if !new.chains.is_empty() || !new.shared.is_empty() {
             next.ports.insert(name.clone(), new);
         }
     }
-    for (ip, before) in touched {
-        match (before, next.cluster_ips.contains_key(&ip)) {
-            (true, false) => del_elems.push(set_elem(layout::CLUSTER_IPS, Key::Addr(ip))),
-            (false, true) => add_elems.push(set_elem(layout::CLUSTER_IPS, Key::Addr(ip))),
+    for (e, before) in touched {
+        match (before, next.shared.contains_key(&e)) {
+            (true, false) => del_elems.push(e),
+            (false, true) => add_elems.push(e),
             _ => {}
         }
     }
 
     tx.ops.extend(del_elems.into_iter().map(Op::DeleteElement));
     tx.ops.extend(new_sets.into_iter().map(Op::AddSet));
+    tx.ops.extend(new_maps.into_iter().map(Op::AddMap));
     tx.ops.extend(new_chains.into_iter().map(|c| {
         Op::AddChain(Chain {
             name: c,
@@ -193,7 +198,8 @@ pub fn render(
     tx.ops
         .extend(stale_chains.iter().cloned().map(Op::FlushChain));
     tx.ops.extend(stale_chains.into_iter().map(Op::DeleteChain));
-    tx.ops.extend(stale_sets.into_iter().map(Op::DeleteSet));
+    tx.ops
+        .extend(stale_sets.into_iter().chain(stale_maps).map(Op::DeleteSet));
     tx
 }
 
@@ -201,6 +207,10 @@ pub fn render(
 /// `max_ops` operations each, split between service ports, so no single transaction holds the
 /// kernel's nftables mutex for long (performance-anchors §4.3). Each transaction is
 /// self-contained; applied in order they build the same table as one full render.
+///
+/// The verdict map elements that make service ports reachable come last, after every chain
+/// exists: each commit that adds a jump makes the kernel walk every chain reachable from the
+/// base chains, and until then there is almost nothing to walk.
 pub fn render_cold(
     fam: &FamilyDesired,
     cfg: &NftConfig,
@@ -209,23 +219,34 @@ pub fn render_cold(
 ) -> Vec<Transaction> {
     let (tx, next, groups) = render_full_grouped(fam, cfg);
     *committed = next;
+    let table = tx.table.clone();
+    let chunk = |ops: Vec<Op>| Transaction {
+        table: table.clone(),
+        ops,
+    };
     let mut out = Vec::new();
-    let mut cut = 0;
-    let mut last = 0;
-    for g in groups.into_iter().chain([tx.ops.len()]) {
-        if g - cut > max_ops && last > cut {
-            out.push(Transaction {
-                table: tx.table.clone(),
-                ops: tx.ops[cut..last].to_vec(),
-            });
-            cut = last;
+    let (mut current, mut reach) = (Vec::new(), Vec::new());
+    let bounds: Vec<usize> = groups.into_iter().chain([tx.ops.len()]).collect();
+    let mut start = 0;
+    for end in bounds {
+        let (verdicts, defs): (Vec<Op>, Vec<Op>) = tx.ops[start..end]
+            .iter()
+            .cloned()
+            .partition(|op| matches!(op, Op::AddElement(e) if e.verdict.is_some()));
+        if !current.is_empty() && current.len() + defs.len() > max_ops {
+            out.push(chunk(std::mem::take(&mut current)));
         }
-        last = g;
+        current.extend(defs);
+        reach.extend(verdicts);
+        start = end;
     }
-    out.push(Transaction {
-        table: tx.table.clone(),
-        ops: tx.ops[cut..].to_vec(),
-    });
+    for op in reach {
+        if current.len() >= max_ops {
+            out.push(chunk(std::mem::take(&mut current)));
+        }
+        current.push(op);
+    }
+    out.push(chunk(current));
     out
 }
 
@@ -286,9 +307,16 @@ fn render_full_grouped(
     let mut groups = Vec::with_capacity(fam.ports.len());
     for (name, sp) in &fam.ports {
         groups.push(tx.ops.len());
-        let new_cip = !next.cluster_ips.contains_key(&sp.cluster_ip);
-        let objs = next.claim(name, build_port(sp, fam));
+        let built = build_port(sp, fam);
+        let fresh: Vec<Element> = built
+            .shared
+            .iter()
+            .filter(|e| !next.shared.contains_key(*e))
+            .cloned()
+            .collect();
+        let objs = next.claim(name, built);
         tx.ops.extend(objs.sets.iter().cloned().map(Op::AddSet));
+        tx.ops.extend(objs.maps.iter().cloned().map(Op::AddMap));
         tx.ops.extend(objs.chains.keys().map(|c| {
             Op::AddChain(Chain {
                 name: c.clone(),
@@ -300,12 +328,7 @@ fn render_full_grouped(
             .extend(objs.chains.values().flatten().cloned().map(Op::AddRule));
         tx.ops
             .extend(objs.elements.iter().cloned().map(Op::AddElement));
-        if new_cip {
-            tx.push(Op::AddElement(set_elem(
-                layout::CLUSTER_IPS,
-                Key::Addr(sp.cluster_ip),
-            )));
-        }
+        tx.ops.extend(fresh.into_iter().map(Op::AddElement));
         next.ports.insert(name.clone(), objs);
     }
     (tx, next, groups)
@@ -321,8 +344,8 @@ impl Rendered {
                 .or_insert_with(|| name.clone());
             owner == name
         });
-        if let Some(ip) = objs.cluster_ip {
-            *self.cluster_ips.entry(ip).or_default() += 1;
+        for e in &objs.shared {
+            *self.shared.entry(e.clone()).or_default() += 1;
         }
         objs
     }
@@ -333,12 +356,12 @@ impl Rendered {
                 self.owners.remove(&(e.set.clone(), e.key));
             }
         }
-        if let Some(ip) = objs.cluster_ip
-            && let Some(n) = self.cluster_ips.get_mut(&ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.cluster_ips.remove(&ip);
+        for e in &objs.shared {
+            if let Some(n) = self.shared.get_mut(e) {
+                *n -= 1;
+                if *n == 0 {
+                    self.shared.remove(e);
+                }
             }
         }
     }
@@ -349,6 +372,7 @@ fn set_elem(set: &str, key: Key) -> Element {
         set: set.into(),
         key,
         verdict: None,
+        target: None,
         comment: None,
     }
 }
@@ -358,8 +382,18 @@ fn map_elem(map: &str, key: Key, verdict: Verdict, comment: &str) -> Element {
         set: map.into(),
         key,
         verdict: Some(verdict),
+        target: None,
         comment: Some(comment.into()),
     }
+}
+
+/// The bucket range endpoint `i` of `n` owns: an equal share of `0..BUCKETS` (shares differ
+/// by at most one bucket). `None` when there are more endpoints than buckets.
+fn bucket_range(i: usize, n: usize) -> Option<(u32, u32)> {
+    let b = u64::from(BUCKETS);
+    let lo = i as u64 * b / n as u64;
+    let hi = (i as u64 + 1) * b / n as u64;
+    (hi > lo).then(|| (lo as u32, (hi - 1) as u32))
 }
 
 fn goto(chain: &str) -> Statement {
@@ -397,15 +431,23 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
     let local_chain = naming::chain("local", &base);
     let ext_chain = naming::chain("external", &base);
     let fw_chain = naming::chain("firewall", &base);
-    let mut o = PortObjects {
-        cluster_ip: Some(sp.cluster_ip),
-        ..PortObjects::default()
-    };
-    let vip = |ip: IpAddr| Key::AddrProtoPort(ip, proto, sp.port);
-
-    // Endpoint chains for the union of both sets.
-    let mut ep_chain = BTreeMap::new();
+    let mut o = PortObjects::default();
+    o.shared
+        .insert(set_elem(layout::CLUSTER_IPS, Key::Addr(sp.cluster_ip)));
     for ep in &sp.endpoints {
+        let ip = ep.addr.ip();
+        o.shared
+            .insert(set_elem(layout::HAIRPIN, Key::AddrPair(ip, ip)));
+    }
+    let vip = |ip: IpAddr| Key::AddrProtoPort(ip, proto, sp.port);
+    // Without affinity, an endpoint is picked by a map from random buckets to DNAT targets:
+    // endpoint changes then touch only map elements, which the kernel commits without
+    // revalidating the table (a rule or a verdict element makes it walk every chain).
+    let by_map = sp.affinity_timeout.is_none();
+
+    // Endpoint chains (with affinity) for the union of both sets.
+    let mut ep_chain = BTreeMap::new();
+    for ep in sp.endpoints.iter().filter(|_| !by_map) {
         let ep_base = naming::endpoint_base(&sp.name, ep.addr);
         let chain = naming::chain("endpoint", &ep_base);
         let aff = sp
@@ -464,11 +506,37 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
         ))))
     };
     let pod_match = || local_match(&fam.detector, false);
-    // A set chain: affinity checks, then a uniform random pick without any set (§5.3, §5.4).
-    let set_chain = |name: &str, set: &[Endpoint], internal: bool| -> Vec<Rule> {
+    // A set chain: affinity checks, then a uniform random pick (§5.3, §5.4): through the
+    // endpoint map `map`, or (with affinity) `numgen` rules to endpoint chains.
+    let mut maps = Vec::new();
+    let mut set_chain = |name: &str, map: &str, set: &[Endpoint], internal: bool| -> Vec<Rule> {
         let mut rules = Vec::new();
         if internal && let Some(r) = masq_rule(name) {
             rules.push(r);
+        }
+        if by_map {
+            maps.push(Map {
+                name: map.into(),
+                key: KeyType::Bucket(proto),
+                comment: None,
+            });
+            for (i, ep) in set.iter().enumerate() {
+                if let Some((lo, hi)) = bucket_range(i, set.len()) {
+                    o.elements.insert(Element {
+                        set: map.into(),
+                        key: Key::Buckets(lo, hi),
+                        verdict: None,
+                        target: Some(ep.addr),
+                        comment: None,
+                    });
+                }
+            }
+            rules.push(
+                Rule::new(name)
+                    .m(Match::L4Proto(proto))
+                    .s(Statement::DnatMap { map: map.into() }),
+            );
+            return rules;
         }
         for ep in set {
             if let Some((chain, Some(aff))) = ep_chain.get(&ep.addr) {
@@ -498,22 +566,25 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
     };
 
     let uses_cluster_internally = sp.internal == InternalAction::Cluster;
+    let mut set_chains = Vec::new();
     if !sp.cluster_endpoints.is_empty() {
-        o.chains.insert(
-            svc_chain.clone(),
-            set_chain(&svc_chain, &sp.cluster_endpoints, uses_cluster_internally),
+        let map = naming::chain("endpoints", &base);
+        let rules = set_chain(
+            &svc_chain,
+            &map,
+            &sp.cluster_endpoints,
+            uses_cluster_internally,
         );
+        set_chains.push((svc_chain.clone(), rules));
     }
     if !sp.local_endpoints.is_empty() {
-        o.chains.insert(
-            local_chain.clone(),
-            set_chain(
-                &local_chain,
-                &sp.local_endpoints,
-                sp.internal == InternalAction::Local,
-            ),
-        );
+        let map = naming::chain("local-endpoints", &base);
+        let internal = sp.internal == InternalAction::Local;
+        let rules = set_chain(&local_chain, &map, &sp.local_endpoints, internal);
+        set_chains.push((local_chain.clone(), rules));
     }
+    o.chains.extend(set_chains);
+    o.maps.extend(maps);
 
     // ClusterIP.
     let (map, verdict) = match sp.internal {

@@ -19,6 +19,10 @@ pub trait RulesetView {
     fn rules(&self, chain: &str) -> &[Rule];
     fn map_get(&self, map: &str, key: &Key) -> Option<Verdict>;
     fn set_contains(&self, set: &str, ip: IpAddr) -> bool;
+    /// Whether a set holds exactly this key.
+    fn has_key(&self, set: &str, key: &Key) -> bool;
+    /// The DNAT targets of an endpoint map, with the share of buckets each owns.
+    fn targets(&self, map: &str) -> Vec<(SocketAddr, u32)>;
 }
 
 /// A view of the objects a transaction adds (enough for a full render).
@@ -26,7 +30,7 @@ pub trait RulesetView {
 pub struct TxView {
     chains: BTreeMap<String, Chain>,
     rules: BTreeMap<String, Vec<Rule>>,
-    elements: BTreeMap<(String, Key), Option<Verdict>>,
+    elements: BTreeMap<(String, Key), (Option<Verdict>, Option<SocketAddr>)>,
 }
 
 impl TxView {
@@ -41,7 +45,8 @@ impl TxView {
                 }
                 Op::AddRule(r) => v.rules.entry(r.chain.clone()).or_default().push(r.clone()),
                 Op::AddElement(e) => {
-                    v.elements.insert((e.set.clone(), e.key), e.verdict.clone());
+                    v.elements
+                        .insert((e.set.clone(), e.key), (e.verdict.clone(), e.target));
                 }
                 _ => {}
             }
@@ -64,8 +69,20 @@ impl RulesetView for TxView {
     fn map_get(&self, map: &str, key: &Key) -> Option<Verdict> {
         self.elements
             .get(&(map.to_owned(), *key))
-            .cloned()
-            .flatten()
+            .and_then(|(v, _)| v.clone())
+    }
+    fn has_key(&self, set: &str, key: &Key) -> bool {
+        self.elements.contains_key(&(set.to_owned(), *key))
+    }
+    fn targets(&self, map: &str) -> Vec<(SocketAddr, u32)> {
+        self.elements
+            .iter()
+            .filter(|((m, _), _)| m == map)
+            .filter_map(|((_, k), (_, t))| match (k, t) {
+                (Key::Buckets(lo, hi), Some(t)) => Some((*t, hi - lo + 1)),
+                _ => None,
+            })
+            .collect()
     }
     fn set_contains(&self, set: &str, ip: IpAddr) -> bool {
         self.elements.keys().any(|(s, k)| {
@@ -303,6 +320,8 @@ fn eval_matches(
                 }
                 Match::MarkClear(bit) => st.mark & bit == 0,
                 Match::CtStateNew => true,
+                Match::CtStatusDnat => st.dnat,
+                Match::PairInSet { set } => view.has_key(set, &Key::AddrPair(pkt.src, st.dst.ip())),
                 Match::RandomOneIn(n) => {
                     if *n > 1 {
                         next.push((st.clone(), false));
@@ -335,6 +354,9 @@ fn exec(
                 KeyType::AddrProtoPort => Key::AddrProtoPort(st.dst.ip(), pkt.proto, st.dst.port()),
                 KeyType::ProtoPort => Key::ProtoPort(pkt.proto, st.dst.port()),
                 KeyType::Addr => Key::Addr(st.dst.ip()),
+                KeyType::AddrPair => Key::AddrPair(pkt.src, st.dst.ip()),
+                // A bucket-keyed verdict map is never rendered.
+                KeyType::Bucket(_) => return vec![(st, None)],
             };
             match view.map_get(map, &k) {
                 Some(v) => v,
@@ -358,6 +380,22 @@ fn exec(
             st.dst = SocketAddr::new(*addr, *port);
             st.dnat = true;
             return vec![(st, Some(Flow::Accept))];
+        }
+        Statement::DnatMap { map } => {
+            // Every target is a possible pick; no target: the rule stops, the next one runs.
+            let targets = view.targets(map);
+            if targets.is_empty() {
+                return vec![(st, None)];
+            }
+            return targets
+                .into_iter()
+                .map(|(to, _)| {
+                    let mut s = st.clone();
+                    s.dst = to;
+                    s.dnat = true;
+                    (s, Some(Flow::Accept))
+                })
+                .collect();
         }
         Statement::Reject => return vec![(st, Some(Flow::Reject))],
         Statement::Verdict(v) => v.clone(),

@@ -16,7 +16,7 @@ use crate::text::{clean_comment, clean_ifname};
 use crate::transaction::{Op, Transaction};
 use ipnet::IpNet;
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 // Message types (NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_*) and batch delimiters.
 const SUBSYS: u16 = 10 << 8;
@@ -61,6 +61,7 @@ fn concat_reg(offset: usize) -> u32 {
 const ELEMS_PER_MSG: usize = 256;
 
 /// nft's datatype ids, for set key types (concatenations: 6 bits per field).
+const TYPE_INTEGER: u32 = 4;
 const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTO: u32 = 12;
@@ -107,7 +108,25 @@ fn key_type(f: Family, k: KeyType) -> (u32, u32) {
             alen + 8,
         ),
         KeyType::ProtoPort => ((TYPE_INET_PROTO << 6) | TYPE_INET_SERVICE, 8),
+        KeyType::AddrPair => ((addr << 6) | addr, 2 * alen),
+        KeyType::Bucket(_) => (TYPE_INTEGER, 4),
     }
+}
+
+/// An endpoint map's value type: `ipv4_addr . inet_service` (or ipv6), and its length.
+fn target_type(f: Family) -> (u32, u32) {
+    match f {
+        Family::Ip => ((TYPE_IPADDR << 6) | TYPE_INET_SERVICE, 8),
+        Family::Ip6 => ((TYPE_IP6ADDR << 6) | TYPE_INET_SERVICE, 20),
+    }
+}
+
+/// A DNAT target as a map value: the address, then the port padded to 4 bytes.
+fn target_bytes(t: &SocketAddr) -> Vec<u8> {
+    let mut v = ip_bytes(&t.ip());
+    let [hi, lo] = t.port().to_be_bytes();
+    v.extend_from_slice(&[hi, lo, 0, 0]);
+    v
 }
 
 /// A key's bytes as the kernel stores it (concatenation fields padded to 4 bytes).
@@ -125,6 +144,13 @@ fn key_bytes(k: &Key) -> Vec<u8> {
             v
         }
         Key::ProtoPort(p, port) => pp(*p, *port).to_vec(),
+        Key::AddrPair(a, b) => {
+            let mut v = ip_bytes(a);
+            v.extend(ip_bytes(b));
+            v
+        }
+        // Buckets are compared after `byteorder hton`: big-endian.
+        Key::Buckets(lo, _) => lo.to_be_bytes().to_vec(),
     }
 }
 
@@ -146,6 +172,8 @@ struct Wire {
     key: Vec<u8>,
     interval_end: bool,
     verdict: Option<Verdict>,
+    /// A value that is not a verdict (an endpoint map's DNAT target).
+    data: Option<Vec<u8>>,
     udata: Option<Vec<u8>>,
 }
 
@@ -155,6 +183,7 @@ impl Wire {
             key,
             interval_end: false,
             verdict: None,
+            data: None,
             udata: None,
         }
     }
@@ -197,10 +226,22 @@ fn element_wire(e: &Element, with_data: bool) -> Vec<Wire> {
         .map(|c| Udata::default().str(0, &clean_comment(c)).bytes.clone());
     match &e.key {
         Key::Net(n) => interval(n, udata),
+        Key::Buckets(lo, hi) => vec![
+            Wire {
+                data: e.target.as_ref().filter(|_| with_data).map(target_bytes),
+                udata,
+                ..Wire::value(lo.to_be_bytes().to_vec())
+            },
+            Wire {
+                interval_end: true,
+                ..Wire::value((hi + 1).to_be_bytes().to_vec())
+            },
+        ],
         k => vec![Wire {
             key: key_bytes(k),
             interval_end: false,
             verdict: e.verdict.clone().filter(|_| with_data),
+            data: None,
             udata,
         }],
     }
@@ -232,6 +273,9 @@ fn elements_attr(b: &mut Buf, wires: &[Wire]) {
                 b.nest(1, |b| b.attr(DATA_VALUE, &w.key));
                 if let Some(v) = &w.verdict {
                     b.nest(2, |b| verdict_nest(b, v));
+                }
+                if let Some(d) = &w.data {
+                    b.nest(2, |b| b.attr(DATA_VALUE, d));
                 }
                 if let Some(u) = &w.udata {
                     b.attr(6, u);
@@ -315,11 +359,12 @@ impl Exprs<'_> {
         });
     }
 
-    fn lookup(&mut self, set: &str, set_id: Option<u32>, vmap: bool, negate: bool) {
+    /// A set lookup; with `dreg`, a map lookup whose value lands there.
+    fn lookup(&mut self, set: &str, set_id: Option<u32>, dreg: Option<u32>, negate: bool) {
         self.expr("lookup", |b| {
             b.u32(2, REG_1);
-            if vmap {
-                b.u32(3, REG_VERDICT);
+            if let Some(d) = dreg {
+                b.u32(3, d);
             }
             b.str(1, set);
             if let Some(id) = set_id {
@@ -342,6 +387,23 @@ impl Exprs<'_> {
         self.expr("immediate", |b| {
             b.u32(1, REG_VERDICT);
             b.nest(2, |b| verdict_nest(b, v));
+        });
+    }
+
+    /// `numgen random mod 65536`, in network byte order (as interval keys compare).
+    fn bucket(&mut self) {
+        self.expr("numgen", |b| {
+            b.u32(1, REG_1);
+            b.u32(2, BUCKETS);
+            b.u32(3, 1); // NFT_NG_RANDOM
+            b.u32(4, 0);
+        });
+        self.expr("byteorder", |b| {
+            b.u32(1, REG_1);
+            b.u32(2, REG_1);
+            b.u32(3, 1); // NFT_BYTEORDER_HTON
+            b.u32(4, 4);
+            b.u32(5, 4);
         });
     }
 
@@ -371,7 +433,7 @@ impl Exprs<'_> {
                 Match::Net { addr, negate, net } => self.net(*addr, *negate, net),
                 Match::InSet { addr, negate, set } => {
                     self.addr(*addr, REG_1);
-                    self.lookup(set, None, false, *negate);
+                    self.lookup(set, None, None, *negate);
                 }
                 Match::NotInNets { addr, nets } if single(nets).is_some() => {
                     // nft turns a one-element anonymous set into a comparison.
@@ -382,7 +444,7 @@ impl Exprs<'_> {
                 Match::NotInNets { addr, .. } => {
                     self.addr(*addr, REG_1);
                     let id = anon.next().unwrap_or_default();
-                    self.lookup(ANON_SET, Some(id), false, true);
+                    self.lookup(ANON_SET, Some(id), None, true);
                 }
                 Match::L4Proto(p) => {
                     self.meta_load(META_L4PROTO, REG_1);
@@ -427,6 +489,19 @@ impl Exprs<'_> {
                     });
                     self.cmp(false, &[0; 4]);
                 }
+                Match::CtStatusDnat => {
+                    self.expr("ct", |b| {
+                        b.u32(2, 2); // NFT_CT_STATUS
+                        b.u32(1, REG_1);
+                    });
+                    self.bitwise(&0x20u32.to_ne_bytes(), &[0; 4], false); // IPS_DST_NAT
+                    self.cmp(true, &[0; 4]);
+                }
+                Match::PairInSet { set } => {
+                    self.addr(Addr::Saddr, REG_1);
+                    self.addr(Addr::Daddr, concat_reg(addr_len(self.family)));
+                    self.lookup(set, None, None, false);
+                }
                 Match::CtStateNew => {
                     self.expr("ct", |b| {
                         b.u32(2, 0); // NFT_CT_STATE
@@ -451,8 +526,13 @@ impl Exprs<'_> {
                             self.l4proto_port(concat_reg(alen), concat_reg(alen + 4));
                         }
                         KeyType::ProtoPort => self.l4proto_port(REG_1, concat_reg(4)),
+                        KeyType::AddrPair => {
+                            self.addr(Addr::Saddr, REG_1);
+                            self.addr(Addr::Daddr, concat_reg(alen));
+                        }
+                        KeyType::Bucket(_) => self.bucket(),
                     }
-                    self.lookup(map, None, true, false);
+                    self.lookup(map, None, Some(REG_VERDICT), false);
                 }
                 Statement::MarkOr(bit) => {
                     self.meta_load(META_MARK, REG_1);
@@ -483,6 +563,17 @@ impl Exprs<'_> {
                         b.u32(3, REG_1);
                         b.u32(5, REG_2);
                         b.u32(7, 2); // NF_NAT_RANGE_PROTO_SPECIFIED
+                    });
+                }
+                Statement::DnatMap { map } => {
+                    self.bucket();
+                    self.lookup(map, None, Some(REG_1), false);
+                    let fam = nfproto(self.family);
+                    self.expr("nat", |b| {
+                        b.u32(1, 1); // NFT_NAT_DNAT
+                        b.u32(2, u32::from(fam));
+                        b.u32(3, REG_1);
+                        b.u32(5, concat_reg(alen));
                     });
                 }
                 Statement::Reject => {
@@ -576,6 +667,26 @@ impl Encoder<'_> {
             flags |= 0x10 | 0x20; // NFT_SET_TIMEOUT | NFT_SET_EVAL ("dynamic")
         }
         let mut u = Udata::default();
+        if let KeyType::Bucket(proto) = key {
+            flags |= 0x4; // an interval map
+            bucket_udata(&mut u, f, proto);
+            if let Some(c) = comment {
+                u.str(7, &clean_comment(c));
+            }
+            let (dtype, dlen) = target_type(f);
+            self.msg(op, NEWSET, NLM_F_CREATE, |b| {
+                b.str(1, &table);
+                b.str(2, name);
+                b.u32(3, flags);
+                b.u32(4, ktype);
+                b.u32(5, klen);
+                b.u32(6, dtype);
+                b.u32(7, dlen);
+                b.u32(10, id);
+                b.attr(13, &u.bytes);
+            });
+            return;
+        }
         let concat = key != KeyType::Addr;
         u.u32(0, if concat { 0 } else { 2 }); // key byte order: big endian, none for a concatenation
         if map {
@@ -624,13 +735,7 @@ impl Encoder<'_> {
             (Family::Ip6, Addr::Saddr) => (13, 8),
             (Family::Ip6, Addr::Daddr) => (13, 9),
         };
-        // typeof: a payload expression (7) of protocol `desc`, field `field`.
-        u.raw(
-            3,
-            &[
-                0, 4, 7, 0, 0, 0, 1, 12, 0, 4, desc, 0, 0, 0, 1, 4, field, 0, 0, 0,
-            ],
-        );
+        u.nest(3, |t| payload_typeof(t, desc, field));
         self.msg(op, NEWSET, NLM_F_CREATE, |b| {
             b.str(1, &table);
             b.str(2, ANON_SET);
@@ -689,6 +794,45 @@ impl Encoder<'_> {
             }
         });
     }
+}
+
+/// nft's user data for `typeof numgen random mod 65536 : ip daddr . tcp dport`: key in host
+/// byte order, no data byte order, the key's and the value's `typeof` records, value not an
+/// interval.
+fn bucket_udata(u: &mut Udata, f: Family, proto: L4Proto) {
+    u.u32(0, 1).u32(1, 0);
+    // numgen (expression 23): type random, the modulus, offset 0.
+    u.nest(3, |t| {
+        t.u32(0, 23).nest(1, |n| {
+            n.u32(0, 1).u32(1, BUCKETS).u32(2, 0);
+        });
+    });
+    let (desc, field) = match f {
+        Family::Ip => (12, 12), // ip daddr
+        Family::Ip6 => (13, 9), // ip6 daddr
+    };
+    // nft's protocol descriptions: tcp 8, udp 6, sctp 10; `dport` is field 2 of each.
+    let th = match proto {
+        L4Proto::Tcp => 8,
+        L4Proto::Udp => 6,
+        L4Proto::Sctp => 10,
+    };
+    // A concatenation (13) of `ip daddr` and `tcp dport`.
+    u.nest(4, |t| {
+        t.u32(0, 13).nest(1, |c| {
+            c.nest(0, |e| payload_typeof(e, desc, field));
+            c.nest(1, |e| payload_typeof(e, th, 2));
+        });
+    });
+    u.u32(6, 0);
+}
+
+/// The `typeof` record of a payload expression (7): protocol description `desc`, field
+/// `field` (nft's numbering).
+fn payload_typeof(u: &mut Udata, desc: u32, field: u32) {
+    u.u32(0, 7).nest(1, |p| {
+        p.u32(0, desc).u32(1, field);
+    });
 }
 
 /// The one prefix of a list that has one (after removing duplicates).
@@ -835,7 +979,12 @@ pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
                 }
                 e.add_set(i, &s.name, s.key, false, Some(s), s.comment.as_ref());
             }
-            Op::AddMap(m) => e.add_map(i, m),
+            Op::AddMap(m) => {
+                if matches!(m.key, KeyType::Bucket(_)) {
+                    e.new_interval_sets.insert(m.name.as_str());
+                }
+                e.add_map(i, m);
+            }
             Op::FlushSet(s) => e.msg(i, DELSETELEM, 0, |b| {
                 b.str(1, &table);
                 b.str(2, s);
@@ -974,6 +1123,7 @@ mod tests {
                 set: "m".into(),
                 key: Key::ProtoPort(L4Proto::Tcp, i),
                 verdict: Some(Verdict::Accept),
+                target: None,
                 comment: None,
             }));
         }

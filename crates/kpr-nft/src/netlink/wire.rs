@@ -118,6 +118,13 @@ impl Udata {
     pub(crate) fn u32(&mut self, kind: u8, v: u32) -> &mut Udata {
         self.raw(kind, &v.to_ne_bytes())
     }
+
+    /// A nested record whose content `f` writes.
+    pub(crate) fn nest(&mut self, kind: u8, f: impl FnOnce(&mut Udata)) -> &mut Udata {
+        let mut inner = Udata::default();
+        f(&mut inner);
+        self.raw(kind, &inner.bytes)
+    }
 }
 
 #[cfg(test)]
