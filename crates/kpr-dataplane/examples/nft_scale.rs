@@ -23,6 +23,7 @@ fn main() {
             .unwrap_or(default)
     };
     let (n, e) = (arg(1, 1000), arg(2, 2));
+    // `--maps` (third argument) probes named-map costs instead.
     let ns = format!("kpr-bench-{}", std::process::id());
     assert!(
         Command::new("ip")
@@ -32,7 +33,14 @@ fn main() {
             .success(),
         "needs root"
     );
-    let result = std::panic::catch_unwind(|| run(n, e, &ns));
+    let maps = std::env::args().any(|a| a == "--maps");
+    let result = std::panic::catch_unwind(|| {
+        if maps {
+            maps_probe(n, &ns)
+        } else {
+            run(n, e, &ns)
+        }
+    });
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     result.unwrap();
 }
@@ -265,4 +273,68 @@ fn probe(nl: &mut Netlink, cfg: &NftConfig) {
         Rule::new("probe-c").s(Statement::Verdict(Verdict::Accept)),
     ));
     time(nl, "the same rule in another table", &c);
+}
+
+/// `nft_scale --maps N`: what N named endpoint maps cost the kernel to load, alone, with one
+/// element each, and with one chain and rule using each.
+fn maps_probe(n: u32, ns: &str) {
+    use kpr_nft::{
+        BUCKETS, Chain, Element, Key, KeyType, L4Proto, Map, Match, Rule, Statement, Table,
+    };
+    let mut nl = Netlink::in_netns(ns).unwrap();
+    let table = Table {
+        family: Family::Ip,
+        name: "maps".into(),
+        comment: None,
+    };
+    for stage in ["maps", "maps+elements", "maps+elements+rules"] {
+        let mut tx = Transaction::new(table.clone());
+        tx.push(Op::AddTable(table.clone()));
+        tx.push(Op::DeleteTable);
+        tx.push(Op::AddTable(table.clone()));
+        for i in 0..n {
+            let name = format!("endpoints-{i:08}-ns/service-{i}/tcp/http");
+            tx.push(Op::AddMap(Map {
+                name: name.clone(),
+                key: KeyType::Bucket(L4Proto::Tcp),
+                comment: None,
+            }));
+            if stage != "maps" {
+                tx.push(Op::AddElement(Element {
+                    set: name.clone(),
+                    key: Key::Buckets(0, BUCKETS - 1),
+                    verdict: None,
+                    target: Some(
+                        format!("10.{}.{}.1:80", i / 250 % 250, i % 250)
+                            .parse()
+                            .unwrap(),
+                    ),
+                    comment: None,
+                }));
+            }
+            if stage == "maps+elements+rules" {
+                let chain = format!("service-{i:08}");
+                tx.push(Op::AddChain(Chain {
+                    name: chain.clone(),
+                    base: None,
+                    comment: None,
+                }));
+                tx.push(Op::AddRule(
+                    Rule::new(&chain)
+                        .m(Match::L4Proto(L4Proto::Tcp))
+                        .s(Statement::DnatMap {
+                            map: name,
+                            offset: 0,
+                        }),
+                ));
+            }
+        }
+        let t = Instant::now();
+        nl.apply(&tx).unwrap();
+        println!(
+            "{n} named maps, {stage}: {:?} ({} ops)",
+            t.elapsed(),
+            tx.len()
+        );
+    }
 }

@@ -167,9 +167,11 @@ fn everything(family: Family) -> Transaction {
         None,
     )));
     let ep = |i: u16| SocketAddr::new(a(&format!("10.0.0.{i}"), &format!("fd00::{i}")), 8000 + i);
-    tx.push(Op::AddElement(bucket("eps", 0, 21844, ep(1))));
-    tx.push(Op::AddElement(bucket("eps", 21845, 43689, ep(2))));
-    tx.push(Op::AddElement(bucket("eps", 43690, 65535, ep(3))));
+    // One endpoint set at offset 0, one of three at offset 16384.
+    tx.push(Op::AddElement(bucket("eps", 0, 16383, ep(4))));
+    tx.push(Op::AddElement(bucket("eps", 16384, 21844, ep(1))));
+    tx.push(Op::AddElement(bucket("eps", 21845, 27305, ep(2))));
+    tx.push(Op::AddElement(bucket("eps", 27306, 32767, ep(3))));
     tx.push(Op::AddElement(el(
         "pairs",
         Key::AddrPair(ep(1).ip(), ep(1).ip()),
@@ -288,7 +290,16 @@ fn everything(family: Family) -> Transaction {
             .s(Statement::Verdict(Verdict::Drop)),
         r("ep")
             .m(Match::L4Proto(L4Proto::Udp))
-            .s(Statement::DnatMap { map: "eps".into() }),
+            .s(Statement::DnatMap {
+                map: "eps".into(),
+                offset: 16384,
+            }),
+        r("ep")
+            .m(Match::L4Proto(L4Proto::Udp))
+            .s(Statement::DnatMap {
+                map: "eps".into(),
+                offset: 0,
+            }),
         r("nat-post")
             .m(Match::CtStatusDnat)
             .m(Match::PairInSet {
@@ -344,11 +355,11 @@ fn deletions(family: Family) -> Transaction {
             _ => None,
         })
         .collect();
-    tx.push(Op::DeleteElement(eps[1].clone()));
     tx.push(Op::DeleteElement(eps[2].clone()));
+    tx.push(Op::DeleteElement(eps[3].clone()));
     tx.push(Op::AddElement(Element {
-        key: Key::Buckets(21845, 65535),
-        ..eps[2].clone()
+        key: Key::Buckets(21845, 32767),
+        ..eps[3].clone()
     }));
     tx
 }

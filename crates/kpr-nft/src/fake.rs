@@ -109,7 +109,7 @@ fn rule_sets(r: &Rule) -> impl Iterator<Item = &str> {
         _ => None,
     });
     let s = r.statements.iter().filter_map(|s| match s {
-        Statement::Vmap { map, .. } | Statement::DnatMap { map } => Some(map.as_str()),
+        Statement::Vmap { map, .. } | Statement::DnatMap { map, .. } => Some(map.as_str()),
         Statement::UpdateSaddr { set } => Some(set.as_str()),
         _ => None,
     });
@@ -342,7 +342,7 @@ fn check_key(kind: &SetKind, e: &Element, family: Family) -> Result<(), ApplyErr
         (KeyType::ProtoPort, Key::ProtoPort(_, _)) => true,
         (KeyType::AddrPair, Key::AddrPair(a, b)) => fam_ok(a) && fam_ok(b),
         (KeyType::Bucket(_), Key::Buckets(lo, hi)) => {
-            lo <= hi && *hi < BUCKETS && e.target.is_some_and(|t| fam_ok(&t.ip()))
+            lo <= hi && e.target.is_some_and(|t| fam_ok(&t.ip()))
         }
         _ => false,
     } && match kind {
@@ -392,7 +392,7 @@ fn validate(t: &TableState, _family: Family) -> Result<(), ApplyError> {
                         map,
                         |k| matches!(k, SetKind::Map(m) if !matches!(m.key, KeyType::Bucket(_))),
                     ),
-                    Statement::DnatMap { map } => (
+                    Statement::DnatMap { map, .. } => (
                         map,
                         |k| matches!(k, SetKind::Map(m) if matches!(m.key, KeyType::Bucket(_))),
                     ),

@@ -8,9 +8,10 @@ use ipnet::IpNet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-/// The number of buckets `numgen random` draws from to pick an endpoint through a
-/// [`KeyType::Bucket`] map: endpoint `i` of `n` owns an equal share of `0..BUCKETS`.
-pub const BUCKETS: u32 = 65536;
+/// The number of buckets `numgen random` draws from to pick an endpoint of one endpoint set
+/// through a [`KeyType::Bucket`] map: with the set's `offset`, endpoint `i` of `n` owns an
+/// equal share of `offset..offset + BUCKETS`.
+pub const BUCKETS: u32 = 16384;
 
 /// The address family of a table. kube-proxy-rs uses one `ip` and one `ip6` table (no `inet`:
 /// no address type spans both families).
@@ -106,7 +107,7 @@ pub enum KeyType {
     ProtoPort,
     /// `ipv4_addr . ipv4_addr` (source . destination: the hairpin set).
     AddrPair,
-    /// `typeof numgen random mod 65536 : ip daddr . tcp dport` (the protocol's `dport`) with
+    /// `typeof numgen random mod 16384 : ip daddr . tcp dport` (the protocol's `dport`) with
     /// `flags interval`: an endpoint map, bucket ranges to DNAT targets. Only for maps.
     Bucket(L4Proto),
 }
@@ -241,10 +242,12 @@ pub enum Statement {
         addr: IpAddr,
         port: u16,
     },
-    /// `dnat ip addr . port to numgen random mod 65536 map @map`: DNAT to the target of the
-    /// bucket drawn (needs an `L4Proto` match in the rule); no target continues.
+    /// `dnat ip addr . port to numgen random mod 16384 offset O map @map`: DNAT to the target
+    /// of the bucket drawn from `offset..offset + BUCKETS` (needs an `L4Proto` match in the
+    /// rule); no target continues.
     DnatMap {
         map: String,
+        offset: u32,
     },
     /// `reject` (ICMP port unreachable; TCP clients see ECONNREFUSED).
     Reject,

@@ -272,12 +272,15 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                 map,
             } => format!("numgen random mod {BUCKETS} vmap @{map}"),
             // nft lists the map's value type without naming its fields.
-            Statement::DnatMap { map } if listing => {
-                format!("dnat {ip} to numgen random mod {BUCKETS} map @{map}")
-            }
-            Statement::DnatMap { map } => {
-                format!("dnat {ip} addr . port to numgen random mod {BUCKETS} map @{map}")
-            }
+            Statement::DnatMap { map, offset } => format!(
+                "dnat {ip}{} to numgen random mod {BUCKETS}{} map @{map}",
+                if listing { "" } else { " addr . port" },
+                if *offset == 0 {
+                    String::new()
+                } else {
+                    format!(" offset {offset}")
+                }
+            ),
             Statement::MarkOr(b) => format!("meta mark set meta mark | {b:#010x}"),
             Statement::MarkXor(b) => format!("meta mark set meta mark ^ {b:#010x}"),
             Statement::UpdateSaddr { set } => format!("update @{set} {{ {ip} saddr }}"),

@@ -52,6 +52,12 @@ pub fn chain(prefix: &str, base: &str) -> String {
     format!("{}...", &full[..cut])
 }
 
+/// The first 32 bits of SHA-256 of a name (endpoint-map slots).
+pub fn hash32(name: &str) -> u32 {
+    let d = Sha256::digest(name.as_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
 fn hashed(readable: &str) -> String {
     let digest = Sha256::digest(readable.as_bytes());
     format!("{}-{readable}", &base32(&digest)[..8])

@@ -17,8 +17,8 @@ use kpr_model::desired::{
 use kpr_model::node::LocalDetector;
 use kpr_model::{IpFamily, ServicePortName, SyncPlan};
 use kpr_nft::{
-    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, Map, Match, Op, Rule, Set, Statement,
-    Table, Transaction, Verdict,
+    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, Match, Op, Rule, Set, Statement, Table,
+    Transaction, Verdict,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -40,6 +40,9 @@ pub struct NftConfig {
     /// `1 << masqueradeBit`.
     pub masquerade_mark: u32,
     pub node_port_addrs: NodePortAddrs,
+    /// Slots in the endpoint maps ([`SLOTS`]; tests use a handful to force collisions). A
+    /// port that finds no free slot picks endpoints with per-endpoint chains instead.
+    pub endpoint_slots: u32,
 }
 
 impl NftConfig {
@@ -48,6 +51,7 @@ impl NftConfig {
             family,
             masquerade_mark: 1u32 << (masquerade_bit.min(31)),
             node_port_addrs,
+            endpoint_slots: SLOTS,
         }
     }
 
@@ -70,7 +74,6 @@ impl NftConfig {
 struct PortObjects {
     chains: BTreeMap<String, Vec<Rule>>,
     sets: BTreeSet<Set>,
-    maps: BTreeSet<Map>,
     elements: BTreeSet<Element>,
     /// Elements other ports may need too (its ClusterIP in `cluster-ips`, its endpoints'
     /// hairpin pairs): in the kernel while any port needs them.
@@ -84,6 +87,8 @@ pub struct Rendered {
     /// Which port owns each element key (two Services claiming one externalIP:port: the first
     /// in name order wins; an element is never added twice).
     owners: BTreeMap<(String, Key), ServicePortName>,
+    /// Each port's slot in the endpoint maps (see [`assign_slots`]).
+    slots: BTreeMap<ServicePortName, u32>,
     /// Reference counts of shared elements (ports of one Service share a ClusterIP; Services
     /// share endpoints).
     shared: BTreeMap<Element, usize>,
@@ -130,10 +135,29 @@ pub fn render(
     let (mut del_elems, mut add_elems) = (Vec::new(), Vec::new());
     let (mut new_chains, mut rewrite, mut stale_chains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut new_sets, mut stale_sets) = (Vec::new(), Vec::new());
-    let (mut new_maps, mut stale_maps) = (Vec::new(), Vec::new());
-    for name in &plan.changed_ports {
+    // Ports added or removed: slots are worked out again, and ports that moved are rendered
+    // again too (rare: only a collision of their hashes moves one).
+    let mut todo = plan.changed_ports.clone();
+    if plan
+        .changed_ports
+        .iter()
+        .any(|n| fam.ports.contains_key(n) != next.ports.contains_key(n))
+    {
+        let slots = assign_slots(fam.ports.keys(), cfg.endpoint_slots);
+        todo.extend(
+            fam.ports
+                .keys()
+                .filter(|n| next.slots.get(*n) != slots.get(*n))
+                .cloned(),
+        );
+        next.slots = slots;
+    }
+    for name in &todo {
         let old = next.ports.remove(name).unwrap_or_default();
-        let built = fam.ports.get(name).map(|sp| build_port(sp, fam));
+        let built = fam
+            .ports
+            .get(name)
+            .map(|sp| build_port(sp, fam, next.slots.get(name).copied()));
         for e in old
             .shared
             .iter()
@@ -164,8 +188,6 @@ pub fn render(
         );
         new_sets.extend(new.sets.difference(&old.sets).cloned());
         stale_sets.extend(old.sets.difference(&new.sets).map(|s| s.name.clone()));
-        new_maps.extend(new.maps.difference(&old.maps).cloned());
-        stale_maps.extend(old.maps.difference(&new.maps).map(|m| m.name.clone()));
         if !new.chains.is_empty() || !new.shared.is_empty() {
             next.ports.insert(name.clone(), new);
         }
@@ -180,7 +202,6 @@ pub fn render(
 
     tx.ops.extend(del_elems.into_iter().map(Op::DeleteElement));
     tx.ops.extend(new_sets.into_iter().map(Op::AddSet));
-    tx.ops.extend(new_maps.into_iter().map(Op::AddMap));
     tx.ops.extend(new_chains.into_iter().map(|c| {
         Op::AddChain(Chain {
             name: c,
@@ -198,8 +219,7 @@ pub fn render(
     tx.ops
         .extend(stale_chains.iter().cloned().map(Op::FlushChain));
     tx.ops.extend(stale_chains.into_iter().map(Op::DeleteChain));
-    tx.ops
-        .extend(stale_sets.into_iter().chain(stale_maps).map(Op::DeleteSet));
+    tx.ops.extend(stale_sets.into_iter().map(Op::DeleteSet));
     tx
 }
 
@@ -302,12 +322,13 @@ fn render_full_grouped(
     }
     let mut next = Rendered {
         config: Some(cfg.clone()),
+        slots: assign_slots(fam.ports.keys(), cfg.endpoint_slots),
         ..Rendered::default()
     };
     let mut groups = Vec::with_capacity(fam.ports.len());
     for (name, sp) in &fam.ports {
         groups.push(tx.ops.len());
-        let built = build_port(sp, fam);
+        let built = build_port(sp, fam, next.slots.get(name).copied());
         let fresh: Vec<Element> = built
             .shared
             .iter()
@@ -316,7 +337,6 @@ fn render_full_grouped(
             .collect();
         let objs = next.claim(name, built);
         tx.ops.extend(objs.sets.iter().cloned().map(Op::AddSet));
-        tx.ops.extend(objs.maps.iter().cloned().map(Op::AddMap));
         tx.ops.extend(objs.chains.keys().map(|c| {
             Op::AddChain(Chain {
                 name: c.clone(),
@@ -422,8 +442,38 @@ fn local_match(detector: &LocalDetector, negate: bool) -> Option<Match> {
     }
 }
 
-/// The chains, sets and elements of one service port (§4, §5 as decided by the model).
-fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
+/// Slots in the endpoint maps: a port in slot `s` draws its cluster endpoints from buckets
+/// `s * 2B .. s * 2B + B` and its local endpoints from the next `B` (B = [`BUCKETS`]). The top
+/// slot is left out so every range ends below 2^32.
+pub const SLOTS: u32 = u32::MAX / (2 * BUCKETS);
+
+/// Each port's slot among `slots`: its home slot is a hash of its name; ports are placed in
+/// name order, each in the first free slot from its home on (linear probing); once all are
+/// taken, the rest get none. A function of the set of port names only, so partial renders
+/// agree with full ones.
+fn assign_slots<'a>(
+    names: impl Iterator<Item = &'a ServicePortName>,
+    slots: u32,
+) -> BTreeMap<ServicePortName, u32> {
+    let slots = slots.min(SLOTS);
+    let mut taken = std::collections::HashSet::new();
+    let mut out = BTreeMap::new();
+    for name in names {
+        if taken.len() >= slots as usize {
+            break;
+        }
+        let mut slot = naming::hash32(&naming::service_base(name)) % slots;
+        while !taken.insert(slot) {
+            slot = (slot + 1) % slots;
+        }
+        out.insert(name.clone(), slot);
+    }
+    out
+}
+
+/// The chains, sets and elements of one service port (§4, §5 as decided by the model), in
+/// endpoint-map slot `slot`.
+fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -> PortObjects {
     let base = naming::service_base(&sp.name);
     let comment = sp.name.to_string();
     let proto = l4(sp.protocol);
@@ -443,7 +493,7 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
     // Without affinity, an endpoint is picked by a map from random buckets to DNAT targets:
     // endpoint changes then touch only map elements, which the kernel commits without
     // revalidating the table (a rule or a verdict element makes it walk every chain).
-    let by_map = sp.affinity_timeout.is_none();
+    let by_map = sp.affinity_timeout.is_none() && slot.is_some();
 
     // Endpoint chains (with affinity) for the union of both sets.
     let mut ep_chain = BTreeMap::new();
@@ -506,25 +556,21 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
         ))))
     };
     let pod_match = || local_match(&fam.detector, false);
-    // A set chain: affinity checks, then a uniform random pick (§5.3, §5.4): through the
-    // endpoint map `map`, or (with affinity) `numgen` rules to endpoint chains.
-    let mut maps = Vec::new();
-    let mut set_chain = |name: &str, map: &str, set: &[Endpoint], internal: bool| -> Vec<Rule> {
+    // A set chain: affinity checks, then a uniform random pick (§5.3, §5.4): through this
+    // protocol's endpoint map from the buckets at `offset`, or (with affinity) `numgen` rules
+    // to endpoint chains.
+    let map = layout::endpoint_map(proto);
+    let mut set_chain = |name: &str, offset: u32, set: &[Endpoint], internal: bool| -> Vec<Rule> {
         let mut rules = Vec::new();
         if internal && let Some(r) = masq_rule(name) {
             rules.push(r);
         }
         if by_map {
-            maps.push(Map {
-                name: map.into(),
-                key: KeyType::Bucket(proto),
-                comment: None,
-            });
             for (i, ep) in set.iter().enumerate() {
                 if let Some((lo, hi)) = bucket_range(i, set.len()) {
                     o.elements.insert(Element {
                         set: map.into(),
-                        key: Key::Buckets(lo, hi),
+                        key: Key::Buckets(offset + lo, offset + hi),
                         verdict: None,
                         target: Some(ep.addr),
                         comment: None,
@@ -534,7 +580,10 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
             rules.push(
                 Rule::new(name)
                     .m(Match::L4Proto(proto))
-                    .s(Statement::DnatMap { map: map.into() }),
+                    .s(Statement::DnatMap {
+                        map: map.into(),
+                        offset,
+                    }),
             );
             return rules;
         }
@@ -567,24 +616,27 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired) -> PortObjects {
 
     let uses_cluster_internally = sp.internal == InternalAction::Cluster;
     let mut set_chains = Vec::new();
+    let offset = slot.unwrap_or_default() * 2 * BUCKETS;
     if !sp.cluster_endpoints.is_empty() {
-        let map = naming::chain("endpoints", &base);
         let rules = set_chain(
             &svc_chain,
-            &map,
+            offset,
             &sp.cluster_endpoints,
             uses_cluster_internally,
         );
         set_chains.push((svc_chain.clone(), rules));
     }
     if !sp.local_endpoints.is_empty() {
-        let map = naming::chain("local-endpoints", &base);
         let internal = sp.internal == InternalAction::Local;
-        let rules = set_chain(&local_chain, &map, &sp.local_endpoints, internal);
+        let rules = set_chain(
+            &local_chain,
+            offset + BUCKETS,
+            &sp.local_endpoints,
+            internal,
+        );
         set_chains.push((local_chain.clone(), rules));
     }
     o.chains.extend(set_chains);
-    o.maps.extend(maps);
 
     // ClusterIP.
     let (map, verdict) = match sp.internal {

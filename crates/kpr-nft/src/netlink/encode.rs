@@ -390,13 +390,13 @@ impl Exprs<'_> {
         });
     }
 
-    /// `numgen random mod 65536`, in network byte order (as interval keys compare).
-    fn bucket(&mut self) {
+    /// `numgen random mod 16384 offset O`, in network byte order (as interval keys compare).
+    fn bucket(&mut self, offset: u32) {
         self.expr("numgen", |b| {
             b.u32(1, REG_1);
             b.u32(2, BUCKETS);
             b.u32(3, 1); // NFT_NG_RANDOM
-            b.u32(4, 0);
+            b.u32(4, offset);
         });
         self.expr("byteorder", |b| {
             b.u32(1, REG_1);
@@ -530,7 +530,7 @@ impl Exprs<'_> {
                             self.addr(Addr::Saddr, REG_1);
                             self.addr(Addr::Daddr, concat_reg(alen));
                         }
-                        KeyType::Bucket(_) => self.bucket(),
+                        KeyType::Bucket(_) => self.bucket(0),
                     }
                     self.lookup(map, None, Some(REG_VERDICT), false);
                 }
@@ -565,8 +565,8 @@ impl Exprs<'_> {
                         b.u32(7, 2); // NF_NAT_RANGE_PROTO_SPECIFIED
                     });
                 }
-                Statement::DnatMap { map } => {
-                    self.bucket();
+                Statement::DnatMap { map, offset } => {
+                    self.bucket(*offset);
                     self.lookup(map, None, Some(REG_1), false);
                     let fam = nfproto(self.family);
                     self.expr("nat", |b| {
@@ -796,7 +796,7 @@ impl Encoder<'_> {
     }
 }
 
-/// nft's user data for `typeof numgen random mod 65536 : ip daddr . tcp dport`: key in host
+/// nft's user data for `typeof numgen random mod 16384 : ip daddr . tcp dport`: key in host
 /// byte order, no data byte order, the key's and the value's `typeof` records, value not an
 /// interval.
 fn bucket_udata(u: &mut Udata, f: Family, proto: L4Proto) {
