@@ -32,10 +32,10 @@ fn el(set: &str, key: Key, verdict: Option<Verdict>, comment: Option<&str>) -> E
     }
 }
 
-fn bucket(map: &str, lo: u32, hi: u32, to: SocketAddr) -> Element {
+fn bucket(map: &str, b: u32, to: SocketAddr) -> Element {
     Element {
         target: Some(to),
-        ..el(map, Key::Buckets(lo, hi), None, None)
+        ..el(map, Key::Bucket(b), None, None)
     }
 }
 
@@ -168,10 +168,14 @@ fn everything(family: Family) -> Transaction {
     )));
     let ep = |i: u16| SocketAddr::new(a(&format!("10.0.0.{i}"), &format!("fd00::{i}")), 8000 + i);
     // One endpoint set at offset 0, one of three at offset 16384.
-    tx.push(Op::AddElement(bucket("eps", 0, 16383, ep(4))));
-    tx.push(Op::AddElement(bucket("eps", 16384, 21844, ep(1))));
-    tx.push(Op::AddElement(bucket("eps", 21845, 27305, ep(2))));
-    tx.push(Op::AddElement(bucket("eps", 27306, 32767, ep(3))));
+    tx.push(Op::AddElement(bucket("eps", 0, ep(4))));
+    for i in 0..3u16 {
+        tx.push(Op::AddElement(bucket(
+            "eps",
+            16384 + u32::from(i),
+            ep(1 + i),
+        )));
+    }
     tx.push(Op::AddElement(el(
         "pairs",
         Key::AddrPair(ep(1).ip(), ep(1).ip()),
@@ -293,12 +297,14 @@ fn everything(family: Family) -> Transaction {
             .s(Statement::DnatMap {
                 map: "eps".into(),
                 offset: 16384,
+                modulus: 3,
             }),
         r("ep")
             .m(Match::L4Proto(L4Proto::Udp))
             .s(Statement::DnatMap {
                 map: "eps".into(),
                 offset: 0,
+                modulus: 1,
             }),
         r("nat-post")
             .m(Match::CtStatusDnat)
@@ -346,7 +352,7 @@ fn deletions(family: Family) -> Transaction {
     )));
     tx.push(Op::FlushChain("filter-fwd".into()));
     tx.push(Op::DeleteSet("plain".into()));
-    // An endpoint leaves: its range goes, a neighbour's range grows.
+    // An endpoint leaves: the last one takes its bucket.
     let eps: Vec<Element> = full
         .ops
         .iter()
@@ -358,7 +364,7 @@ fn deletions(family: Family) -> Transaction {
     tx.push(Op::DeleteElement(eps[2].clone()));
     tx.push(Op::DeleteElement(eps[3].clone()));
     tx.push(Op::AddElement(Element {
-        key: Key::Buckets(21845, 32767),
+        key: Key::Bucket(16385),
         ..eps[3].clone()
     }));
     tx

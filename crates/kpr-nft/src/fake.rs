@@ -282,16 +282,6 @@ fn apply_op(table: &mut Option<TableState>, tx: &Transaction, op: &Op) -> Result
                 }
                 Some(_) => {}
                 None => {
-                    if let Key::Buckets(lo, hi) = e.key
-                        && els
-                            .keys()
-                            .any(|k| matches!(k, Key::Buckets(a, b) if *a <= hi && lo <= *b))
-                    {
-                        return Err(ApplyError::Exists {
-                            kind: "element",
-                            name: format!("{} (overlaps an interval)", text::key(&e.key)),
-                        });
-                    }
                     els.insert(e.key, e.clone());
                 }
             }
@@ -341,9 +331,7 @@ fn check_key(kind: &SetKind, e: &Element, family: Family) -> Result<(), ApplyErr
         (KeyType::AddrProtoPort, Key::AddrProtoPort(a, _, _)) => fam_ok(a),
         (KeyType::ProtoPort, Key::ProtoPort(_, _)) => true,
         (KeyType::AddrPair, Key::AddrPair(a, b)) => fam_ok(a) && fam_ok(b),
-        (KeyType::Bucket(_), Key::Buckets(lo, hi)) => {
-            lo <= hi && e.target.is_some_and(|t| fam_ok(&t.ip()))
-        }
+        (KeyType::Bucket(_), Key::Bucket(_)) => e.target.is_some_and(|t| fam_ok(&t.ip())),
         _ => false,
     } && match kind {
         SetKind::Map(m) if matches!(m.key, KeyType::Bucket(_)) => e.verdict.is_none(),
@@ -456,10 +444,7 @@ fn dump_table(family: Family, name: &str, t: &TableState) -> String {
             SetKind::Map(m) => (" : verdict", false, None, m.comment.as_ref()),
         };
         if let KeyType::Bucket(p) = kind.key() {
-            b.push_str(&format!(
-                "\t\t{}\n\t\tflags interval\n",
-                text::bucket_typeof(family, p)
-            ));
+            b.push_str(&format!("\t\t{}\n", text::bucket_typeof(family, p)));
         } else {
             b.push_str(&format!("\t\ttype {ty}{verdict}\n"));
         }

@@ -8,9 +8,9 @@ use ipnet::IpNet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-/// The number of buckets `numgen random` draws from to pick an endpoint of one endpoint set
-/// through a [`KeyType::Bucket`] map: with the set's `offset`, endpoint `i` of `n` owns an
-/// equal share of `offset..offset + BUCKETS`.
+/// The most endpoints one endpoint set can have in a [`KeyType::Bucket`] map: a set of `n`
+/// endpoints at `offset` is drawn by `numgen random mod n offset offset`, bucket
+/// `offset + i` being endpoint `i`; each set owns `BUCKETS` consecutive buckets.
 pub const BUCKETS: u32 = 16384;
 
 /// The address family of a table. kube-proxy-rs uses one `ip` and one `ip6` table (no `inet`:
@@ -107,8 +107,8 @@ pub enum KeyType {
     ProtoPort,
     /// `ipv4_addr . ipv4_addr` (source . destination: the hairpin set).
     AddrPair,
-    /// `typeof numgen random mod 16384 : ip daddr . tcp dport` (the protocol's `dport`) with
-    /// `flags interval`: an endpoint map, bucket ranges to DNAT targets. Only for maps.
+    /// `typeof numgen random mod 16384 : ip daddr . tcp dport` (the protocol's `dport`): an
+    /// endpoint map, from `numgen` buckets to DNAT targets (a hash map). Only for maps.
     Bucket(L4Proto),
 }
 
@@ -121,8 +121,8 @@ pub enum Key {
     AddrProtoPort(IpAddr, L4Proto, u16),
     ProtoPort(L4Proto, u16),
     AddrPair(IpAddr, IpAddr),
-    /// An inclusive range of `numgen` buckets.
-    Buckets(u32, u32),
+    /// A `numgen` bucket.
+    Bucket(u32),
 }
 
 /// A named set (of addresses or tuples).
@@ -242,12 +242,13 @@ pub enum Statement {
         addr: IpAddr,
         port: u16,
     },
-    /// `dnat ip addr . port to numgen random mod 16384 offset O map @map`: DNAT to the target
-    /// of the bucket drawn from `offset..offset + BUCKETS` (needs an `L4Proto` match in the
+    /// `dnat ip addr . port to numgen random mod N offset O map @map`: DNAT to the target of
+    /// the bucket drawn from `offset..offset + modulus` (needs an `L4Proto` match in the
     /// rule); no target continues.
     DnatMap {
         map: String,
         offset: u32,
+        modulus: u32,
     },
     /// `reject` (ICMP port unreachable; TCP clients see ECONNREFUSED).
     Reject,

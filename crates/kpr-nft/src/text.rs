@@ -114,8 +114,7 @@ pub fn key(k: &Key) -> String {
         Key::AddrProtoPort(a, p, port) => format!("{a} . {} . {port}", p.as_str()),
         Key::ProtoPort(p, port) => format!("{} . {port}", p.as_str()),
         Key::AddrPair(a, b) => format!("{a} . {b}"),
-        Key::Buckets(lo, hi) if lo == hi => lo.to_string(),
-        Key::Buckets(lo, hi) => format!("{lo}-{hi}"),
+        Key::Bucket(b) => b.to_string(),
     }
 }
 
@@ -272,8 +271,12 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                 map,
             } => format!("numgen random mod {BUCKETS} vmap @{map}"),
             // nft lists the map's value type without naming its fields.
-            Statement::DnatMap { map, offset } => format!(
-                "dnat {ip}{} to numgen random mod {BUCKETS}{} map @{map}",
+            Statement::DnatMap {
+                map,
+                offset,
+                modulus,
+            } => format!(
+                "dnat {ip}{} to numgen random mod {modulus}{} map @{map}",
                 if listing { "" } else { " addr . port" },
                 if *offset == 0 {
                     String::new()
@@ -312,7 +315,7 @@ fn set_body(
     comment: Option<&String>,
 ) -> String {
     let mut b = if let KeyType::Bucket(p) = key {
-        format!("{} ; flags interval ;", bucket_typeof(f, p))
+        format!("{} ;", bucket_typeof(f, p))
     } else {
         format!(
             "type {}{} ;",

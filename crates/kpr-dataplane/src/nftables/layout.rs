@@ -33,18 +33,15 @@ pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const FIREWALL_IPS: &str = "firewall-ips";
 pub const CLUSTER_IPS: &str = "cluster-ips";
 pub const NODEPORT_IPS: &str = "nodeport-ips";
-/// The endpoint maps, one per protocol (their `typeof` names the protocol's `dport`).
-pub const ENDPOINTS_TCP: &str = "endpoints-tcp";
-pub const ENDPOINTS_UDP: &str = "endpoints-udp";
-pub const ENDPOINTS_SCTP: &str = "endpoints-sctp";
+/// Endpoint maps per protocol (`endpoints-tcp-0` ..), each in the table while a port uses it:
+/// a rule that starts using a map makes the kernel walk every element of it, so each holds
+/// only a share of the endpoints; there are few enough that the kernel's linear search for a
+/// set by name stays cheap.
+pub const ENDPOINT_MAP_SHARDS: u32 = 32;
 
-/// The endpoint map of a protocol.
-pub fn endpoint_map(p: L4Proto) -> &'static str {
-    match p {
-        L4Proto::Tcp => ENDPOINTS_TCP,
-        L4Proto::Udp => ENDPOINTS_UDP,
-        L4Proto::Sctp => ENDPOINTS_SCTP,
-    }
+/// The endpoint map of a protocol's shard (their `typeof` names the protocol's `dport`).
+pub fn endpoint_map(p: L4Proto, shard: u32) -> String {
+    format!("endpoints-{}-{shard}", p.as_str())
 }
 
 /// `endpoint . endpoint` pairs: a connection DNATed back to its own source (hairpin) is
@@ -284,21 +281,6 @@ pub fn fixed_maps_and_sets() -> (Vec<Map>, Vec<Set>) {
                 FIREWALL_IPS,
                 KeyType::AddrProtoPort,
                 "destinations that are subject to LoadBalancerSourceRanges",
-            ),
-            map(
-                ENDPOINTS_TCP,
-                KeyType::Bucket(L4Proto::Tcp),
-                "random buckets to TCP endpoints",
-            ),
-            map(
-                ENDPOINTS_UDP,
-                KeyType::Bucket(L4Proto::Udp),
-                "random buckets to UDP endpoints",
-            ),
-            map(
-                ENDPOINTS_SCTP,
-                KeyType::Bucket(L4Proto::Sctp),
-                "random buckets to SCTP endpoints",
             ),
         ],
         vec![

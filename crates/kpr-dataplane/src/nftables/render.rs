@@ -17,8 +17,8 @@ use kpr_model::desired::{
 use kpr_model::node::LocalDetector;
 use kpr_model::{IpFamily, ServicePortName, SyncPlan};
 use kpr_nft::{
-    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, Match, Op, Rule, Set, Statement, Table,
-    Transaction, Verdict,
+    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, Map, Match, Op, Rule, Set, Statement,
+    Table, Transaction, Verdict,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -75,9 +75,16 @@ struct PortObjects {
     chains: BTreeMap<String, Vec<Rule>>,
     sets: BTreeSet<Set>,
     elements: BTreeSet<Element>,
-    /// Elements other ports may need too (its ClusterIP in `cluster-ips`, its endpoints'
-    /// hairpin pairs): in the kernel while any port needs them.
-    shared: BTreeSet<Element>,
+    /// What other ports may need too (its ClusterIP in `cluster-ips`, its endpoints' hairpin
+    /// pairs, its endpoint map): in the kernel while any port needs it.
+    shared: BTreeSet<Shared>,
+}
+
+/// An object several ports may need.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Shared {
+    Map(Map),
+    Element(Element),
 }
 
 /// What the kernel holds after the last successful transaction, as far as this backend knows.
@@ -91,7 +98,7 @@ pub struct Rendered {
     slots: BTreeMap<ServicePortName, u32>,
     /// Reference counts of shared elements (ports of one Service share a ClusterIP; Services
     /// share endpoints).
-    shared: BTreeMap<Element, usize>,
+    shared: BTreeMap<Shared, usize>,
     config: Option<NftConfig>,
 }
 
@@ -129,12 +136,13 @@ pub fn render(
         return tx;
     }
     let next = committed;
-    // Shared elements touched by this sync, and whether each was in the kernel before it.
-    let mut touched: BTreeMap<Element, bool> = BTreeMap::new();
+    // Shared objects touched by this sync, and whether each was in the kernel before it.
+    let mut touched: BTreeMap<Shared, bool> = BTreeMap::new();
     let mut tx = Transaction::new(cfg.table());
     let (mut del_elems, mut add_elems) = (Vec::new(), Vec::new());
     let (mut new_chains, mut rewrite, mut stale_chains) = (Vec::new(), Vec::new(), Vec::new());
     let (mut new_sets, mut stale_sets) = (Vec::new(), Vec::new());
+    let mut new_maps = Vec::new();
     // Ports added or removed: slots are worked out again, and ports that moved are rendered
     // again too (rare: only a collision of their hashes moves one).
     let mut todo = plan.changed_ports.clone();
@@ -152,21 +160,27 @@ pub fn render(
         );
         next.slots = slots;
     }
+    // Every port in the plan lets go of its objects before any claims its new ones, so an
+    // element or slot can pass from one port to another in one sync.
+    let mut olds = Vec::with_capacity(todo.len());
     for name in &todo {
         let old = next.ports.remove(name).unwrap_or_default();
-        let built = fam
-            .ports
-            .get(name)
-            .map(|sp| build_port(sp, fam, next.slots.get(name).copied()));
-        for e in old
-            .shared
-            .iter()
-            .chain(built.iter().flat_map(|b| &b.shared))
-        {
+        for e in &old.shared {
             let present = next.shared.contains_key(e);
             touched.entry(e.clone()).or_insert(present);
         }
         next.release(name, &old);
+        olds.push(old);
+    }
+    for (name, old) in todo.iter().zip(olds) {
+        let built = fam
+            .ports
+            .get(name)
+            .map(|sp| build_port(sp, fam, next.slots.get(name).copied()));
+        for e in built.iter().flat_map(|b| &b.shared) {
+            let present = next.shared.contains_key(e);
+            touched.entry(e.clone()).or_insert(present);
+        }
         let new = built.map(|b| next.claim(name, b)).unwrap_or_default();
         del_elems.extend(old.elements.difference(&new.elements).cloned());
         add_elems.extend(new.elements.difference(&old.elements).cloned());
@@ -192,16 +206,20 @@ pub fn render(
             next.ports.insert(name.clone(), new);
         }
     }
-    for (e, before) in touched {
-        match (before, next.shared.contains_key(&e)) {
-            (true, false) => del_elems.push(e),
-            (false, true) => add_elems.push(e),
+    for (s, before) in touched {
+        let now = next.shared.contains_key(&s);
+        match (s, before, now) {
+            (Shared::Element(e), true, false) => del_elems.push(e),
+            (Shared::Element(e), false, true) => add_elems.push(e),
+            (Shared::Map(m), true, false) => stale_sets.push(m.name),
+            (Shared::Map(m), false, true) => new_maps.push(m),
             _ => {}
         }
     }
 
     tx.ops.extend(del_elems.into_iter().map(Op::DeleteElement));
     tx.ops.extend(new_sets.into_iter().map(Op::AddSet));
+    tx.ops.extend(new_maps.into_iter().map(Op::AddMap));
     tx.ops.extend(new_chains.into_iter().map(|c| {
         Op::AddChain(Chain {
             name: c,
@@ -237,7 +255,7 @@ pub fn render_cold(
     committed: &mut Rendered,
     max_ops: usize,
 ) -> Vec<Transaction> {
-    let (tx, next, groups) = render_full_grouped(fam, cfg);
+    let (tx, next, groups, tail) = render_full_grouped(fam, cfg);
     *committed = next;
     let table = tx.table.clone();
     let chunk = |ops: Vec<Op>| Transaction {
@@ -246,7 +264,7 @@ pub fn render_cold(
     };
     let mut out = Vec::new();
     let (mut current, mut reach) = (Vec::new(), Vec::new());
-    let bounds: Vec<usize> = groups.into_iter().chain([tx.ops.len()]).collect();
+    let bounds: Vec<usize> = groups.into_iter().chain([tail]).collect();
     let mut start = 0;
     for end in bounds {
         let (verdicts, defs): (Vec<Op>, Vec<Op>) = tx.ops[start..end]
@@ -260,7 +278,7 @@ pub fn render_cold(
         reach.extend(verdicts);
         start = end;
     }
-    for op in reach {
+    for op in tx.ops[tail..].iter().cloned().chain(reach) {
         if current.len() >= max_ops {
             out.push(chunk(std::mem::take(&mut current)));
         }
@@ -271,16 +289,17 @@ pub fn render_cold(
 }
 
 fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) {
-    let (tx, next, _) = render_full_grouped(fam, cfg);
+    let (tx, next, _, _) = render_full_grouped(fam, cfg);
     (tx, next)
 }
 
-/// The full table: the fixed part, then one group of operations per service port (its sets,
-/// chains, rules and elements). Returns where each group starts.
+/// The full table: the fixed part, one group of operations per service port (its sets,
+/// chains, rules and elements), then the endpoint-map elements of every port. Returns where
+/// each group starts and where the endpoint-map elements start.
 fn render_full_grouped(
     fam: &FamilyDesired,
     cfg: &NftConfig,
-) -> (Transaction, Rendered, Vec<usize>) {
+) -> (Transaction, Rendered, Vec<usize>, usize) {
     let table = cfg.table();
     let mut tx = Transaction::new(table.clone());
     tx.push(Op::AddTable(table.clone()));
@@ -326,16 +345,25 @@ fn render_full_grouped(
         ..Rendered::default()
     };
     let mut groups = Vec::with_capacity(fam.ports.len());
+    // Endpoint-map elements go last, after every rule that uses the maps: a rule that starts
+    // using a map makes the kernel walk the elements the map has at that moment.
+    let mut tail = Vec::new();
     for (name, sp) in &fam.ports {
         groups.push(tx.ops.len());
         let built = build_port(sp, fam, next.slots.get(name).copied());
-        let fresh: Vec<Element> = built
+        let (mut fresh_maps, mut fresh) = (Vec::new(), Vec::new());
+        for s in built
             .shared
             .iter()
-            .filter(|e| !next.shared.contains_key(*e))
-            .cloned()
-            .collect();
+            .filter(|s| !next.shared.contains_key(*s))
+        {
+            match s {
+                Shared::Map(m) => fresh_maps.push(Op::AddMap(m.clone())),
+                Shared::Element(e) => fresh.push(Op::AddElement(e.clone())),
+            }
+        }
         let objs = next.claim(name, built);
+        tx.ops.extend(fresh_maps);
         tx.ops.extend(objs.sets.iter().cloned().map(Op::AddSet));
         tx.ops.extend(objs.chains.keys().map(|c| {
             Op::AddChain(Chain {
@@ -346,12 +374,17 @@ fn render_full_grouped(
         }));
         tx.ops
             .extend(objs.chains.values().flatten().cloned().map(Op::AddRule));
+        let (buckets, others): (Vec<&Element>, Vec<&Element>) =
+            objs.elements.iter().partition(|e| e.target.is_some());
         tx.ops
-            .extend(objs.elements.iter().cloned().map(Op::AddElement));
-        tx.ops.extend(fresh.into_iter().map(Op::AddElement));
+            .extend(others.into_iter().cloned().map(Op::AddElement));
+        tail.extend(buckets.into_iter().cloned().map(Op::AddElement));
+        tx.ops.extend(fresh);
         next.ports.insert(name.clone(), objs);
     }
-    (tx, next, groups)
+    let tail_start = tx.ops.len();
+    tx.ops.extend(tail);
+    (tx, next, groups, tail_start)
 }
 
 impl Rendered {
@@ -405,15 +438,6 @@ fn map_elem(map: &str, key: Key, verdict: Verdict, comment: &str) -> Element {
         target: None,
         comment: Some(comment.into()),
     }
-}
-
-/// The bucket range endpoint `i` of `n` owns: an equal share of `0..BUCKETS` (shares differ
-/// by at most one bucket). `None` when there are more endpoints than buckets.
-fn bucket_range(i: usize, n: usize) -> Option<(u32, u32)> {
-    let b = u64::from(BUCKETS);
-    let lo = i as u64 * b / n as u64;
-    let hi = (i as u64 + 1) * b / n as u64;
-    (hi > lo).then(|| (lo as u32, (hi - 1) as u32))
 }
 
 fn goto(chain: &str) -> Statement {
@@ -482,12 +506,13 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -
     let ext_chain = naming::chain("external", &base);
     let fw_chain = naming::chain("firewall", &base);
     let mut o = PortObjects::default();
+    let shared_elem = |set: &str, key| Shared::Element(set_elem(set, key));
     o.shared
-        .insert(set_elem(layout::CLUSTER_IPS, Key::Addr(sp.cluster_ip)));
+        .insert(shared_elem(layout::CLUSTER_IPS, Key::Addr(sp.cluster_ip)));
     for ep in &sp.endpoints {
         let ip = ep.addr.ip();
         o.shared
-            .insert(set_elem(layout::HAIRPIN, Key::AddrPair(ip, ip)));
+            .insert(shared_elem(layout::HAIRPIN, Key::AddrPair(ip, ip)));
     }
     let vip = |ip: IpAddr| Key::AddrProtoPort(ip, proto, sp.port);
     // Without affinity, an endpoint is picked by a map from random buckets to DNAT targets:
@@ -559,23 +584,29 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -
     // A set chain: affinity checks, then a uniform random pick (§5.3, §5.4): through this
     // protocol's endpoint map from the buckets at `offset`, or (with affinity) `numgen` rules
     // to endpoint chains.
-    let map = layout::endpoint_map(proto);
+    let map = layout::endpoint_map(
+        proto,
+        slot.unwrap_or_default() % layout::ENDPOINT_MAP_SHARDS,
+    );
+    let map = map.as_str();
+    let mut uses_map = false;
     let mut set_chain = |name: &str, offset: u32, set: &[Endpoint], internal: bool| -> Vec<Rule> {
         let mut rules = Vec::new();
         if internal && let Some(r) = masq_rule(name) {
             rules.push(r);
         }
         if by_map {
+            uses_map = true;
+            // Past BUCKETS endpoints a set cannot grow: the rest are not used.
+            let set = &set[..set.len().min(BUCKETS as usize)];
             for (i, ep) in set.iter().enumerate() {
-                if let Some((lo, hi)) = bucket_range(i, set.len()) {
-                    o.elements.insert(Element {
-                        set: map.into(),
-                        key: Key::Buckets(offset + lo, offset + hi),
-                        verdict: None,
-                        target: Some(ep.addr),
-                        comment: None,
-                    });
-                }
+                o.elements.insert(Element {
+                    set: map.into(),
+                    key: Key::Bucket(offset + i as u32),
+                    verdict: None,
+                    target: Some(ep.addr),
+                    comment: None,
+                });
             }
             rules.push(
                 Rule::new(name)
@@ -583,6 +614,7 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -
                     .s(Statement::DnatMap {
                         map: map.into(),
                         offset,
+                        modulus: set.len() as u32,
                     }),
             );
             return rules;
@@ -637,6 +669,13 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -
         set_chains.push((local_chain.clone(), rules));
     }
     o.chains.extend(set_chains);
+    if uses_map {
+        o.shared.insert(Shared::Map(Map {
+            name: map.into(),
+            key: KeyType::Bucket(proto),
+            comment: None,
+        }));
+    }
 
     // ClusterIP.
     let (map, verdict) = match sp.internal {

@@ -7,8 +7,8 @@
 //! (`kpr_model::intent`), which states what should happen; this says what the rules do.
 
 use kpr_nft::{
-    Addr, BUCKETS, Chain, ChainType, Hook, Key, KeyType, L4Proto, Match, Op, Rule, Statement,
-    Transaction, Verdict,
+    Addr, Chain, ChainType, Hook, Key, KeyType, L4Proto, Match, Op, Rule, Statement, Transaction,
+    Verdict,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -21,8 +21,8 @@ pub trait RulesetView {
     fn set_contains(&self, set: &str, ip: IpAddr) -> bool;
     /// Whether a set holds exactly this key.
     fn has_key(&self, set: &str, key: &Key) -> bool;
-    /// The DNAT targets of an endpoint map, with the bucket range each owns.
-    fn targets(&self, map: &str) -> Vec<(SocketAddr, u32, u32)>;
+    /// The DNAT targets of an endpoint map, with their buckets.
+    fn targets(&self, map: &str) -> Vec<(SocketAddr, u32)>;
 }
 
 /// A view of the objects a transaction adds (enough for a full render).
@@ -74,12 +74,12 @@ impl RulesetView for TxView {
     fn has_key(&self, set: &str, key: &Key) -> bool {
         self.elements.contains_key(&(set.to_owned(), *key))
     }
-    fn targets(&self, map: &str) -> Vec<(SocketAddr, u32, u32)> {
+    fn targets(&self, map: &str) -> Vec<(SocketAddr, u32)> {
         self.elements
             .iter()
             .filter(|((m, _), _)| m == map)
             .filter_map(|((_, k), (_, t))| match (k, t) {
-                (Key::Buckets(lo, hi), Some(t)) => Some((*t, *lo, *hi)),
+                (Key::Bucket(b), Some(t)) => Some((*t, *b)),
                 _ => None,
             })
             .collect()
@@ -381,18 +381,34 @@ fn exec(
             st.dnat = true;
             return vec![(st, Some(Flow::Accept))];
         }
-        Statement::DnatMap { map, offset } => {
-            // Every target in the drawn range is a possible pick; none: the rule stops and
-            // the next one runs.
-            let range = u64::from(*offset)..u64::from(*offset) + u64::from(BUCKETS);
-            let targets: Vec<SocketAddr> = view
+        Statement::DnatMap {
+            map,
+            offset,
+            modulus,
+        } => {
+            // Every target of a bucket that can be drawn is a possible pick; a drawn bucket
+            // without a target stops the rule, and the next one runs.
+            let range = u64::from(*offset)..u64::from(*offset) + u64::from(*modulus);
+            let hits: BTreeMap<u32, SocketAddr> = view
                 .targets(map)
                 .into_iter()
-                .filter(|(_, lo, hi)| {
-                    range.contains(&u64::from(*lo)) && range.contains(&u64::from(*hi))
-                })
-                .map(|(t, _, _)| t)
+                .filter(|(_, b)| range.contains(&u64::from(*b)))
+                .map(|(t, b)| (b, t))
                 .collect();
+            let mut targets: Vec<SocketAddr> = hits.values().copied().collect();
+            targets.sort();
+            targets.dedup();
+            if (hits.len() as u64) < u64::from(*modulus) {
+                // Some buckets have no target: those packets fall through.
+                let mut out = vec![(st.clone(), None)];
+                out.extend(targets.into_iter().map(|to| {
+                    let mut s = st.clone();
+                    s.dst = to;
+                    s.dnat = true;
+                    (s, Some(Flow::Accept))
+                }));
+                return out;
+            }
             if targets.is_empty() {
                 return vec![(st, None)];
             }

@@ -149,8 +149,8 @@ fn key_bytes(k: &Key) -> Vec<u8> {
             v.extend(ip_bytes(b));
             v
         }
-        // Buckets are compared after `byteorder hton`: big-endian.
-        Key::Buckets(lo, _) => lo.to_be_bytes().to_vec(),
+        // `numgen` values are host-order integers.
+        Key::Bucket(b) => b.to_ne_bytes().to_vec(),
     }
 }
 
@@ -226,17 +226,11 @@ fn element_wire(e: &Element, with_data: bool) -> Vec<Wire> {
         .map(|c| Udata::default().str(0, &clean_comment(c)).bytes.clone());
     match &e.key {
         Key::Net(n) => interval(n, udata),
-        Key::Buckets(lo, hi) => vec![
-            Wire {
-                data: e.target.as_ref().filter(|_| with_data).map(target_bytes),
-                udata,
-                ..Wire::value(lo.to_be_bytes().to_vec())
-            },
-            Wire {
-                interval_end: true,
-                ..Wire::value((hi + 1).to_be_bytes().to_vec())
-            },
-        ],
+        k @ Key::Bucket(_) => vec![Wire {
+            data: e.target.as_ref().filter(|_| with_data).map(target_bytes),
+            udata,
+            ..Wire::value(key_bytes(k))
+        }],
         k => vec![Wire {
             key: key_bytes(k),
             interval_end: false,
@@ -390,20 +384,13 @@ impl Exprs<'_> {
         });
     }
 
-    /// `numgen random mod 16384 offset O`, in network byte order (as interval keys compare).
-    fn bucket(&mut self, offset: u32) {
+    /// `numgen random mod N offset O`.
+    fn bucket(&mut self, modulus: u32, offset: u32) {
         self.expr("numgen", |b| {
             b.u32(1, REG_1);
-            b.u32(2, BUCKETS);
+            b.u32(2, modulus);
             b.u32(3, 1); // NFT_NG_RANDOM
             b.u32(4, offset);
-        });
-        self.expr("byteorder", |b| {
-            b.u32(1, REG_1);
-            b.u32(2, REG_1);
-            b.u32(3, 1); // NFT_BYTEORDER_HTON
-            b.u32(4, 4);
-            b.u32(5, 4);
         });
     }
 
@@ -530,7 +517,7 @@ impl Exprs<'_> {
                             self.addr(Addr::Saddr, REG_1);
                             self.addr(Addr::Daddr, concat_reg(alen));
                         }
-                        KeyType::Bucket(_) => self.bucket(0),
+                        KeyType::Bucket(_) => self.bucket(BUCKETS, 0),
                     }
                     self.lookup(map, None, Some(REG_VERDICT), false);
                 }
@@ -565,8 +552,12 @@ impl Exprs<'_> {
                         b.u32(7, 2); // NF_NAT_RANGE_PROTO_SPECIFIED
                     });
                 }
-                Statement::DnatMap { map, offset } => {
-                    self.bucket(*offset);
+                Statement::DnatMap {
+                    map,
+                    offset,
+                    modulus,
+                } => {
+                    self.bucket(*modulus, *offset);
                     self.lookup(map, None, Some(REG_1), false);
                     let fam = nfproto(self.family);
                     self.expr("nat", |b| {
@@ -668,7 +659,6 @@ impl Encoder<'_> {
         }
         let mut u = Udata::default();
         if let KeyType::Bucket(proto) = key {
-            flags |= 0x4; // an interval map
             bucket_udata(&mut u, f, proto);
             if let Some(c) = comment {
                 u.str(7, &clean_comment(c));
@@ -980,9 +970,6 @@ pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
                 e.add_set(i, &s.name, s.key, false, Some(s), s.comment.as_ref());
             }
             Op::AddMap(m) => {
-                if matches!(m.key, KeyType::Bucket(_)) {
-                    e.new_interval_sets.insert(m.name.as_str());
-                }
                 e.add_map(i, m);
             }
             Op::FlushSet(s) => e.msg(i, DELSETELEM, 0, |b| {
