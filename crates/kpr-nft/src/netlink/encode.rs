@@ -67,10 +67,11 @@ const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTO: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 
-fn nfproto(f: Family) -> u8 {
+/// The netfilter protocol number of a table family.
+pub(crate) fn nfproto(f: Family) -> u8 {
     match f {
-        Family::Ip => 2,
-        Family::Ip6 => 10,
+        Family::Ip => 2,   // NFPROTO_IPV4
+        Family::Ip6 => 10, // NFPROTO_IPV6
     }
 }
 

@@ -2,6 +2,8 @@
 //! ruleset before every command: 80 ms to list one chain at 10,000 Services). First use: the
 //! active-repair check, a filtered dump of one chain's rules.
 
+use super::encode::nfproto;
+use super::wire::{Buf, NLM_F_REQUEST};
 use crate::fake::ApplyError;
 use crate::objects::Family;
 use netlink_sys::Socket;
@@ -9,7 +11,6 @@ use netlink_sys::Socket;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
@@ -17,33 +18,15 @@ const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const ENOENT: i32 = 2;
 
-fn nfproto(f: Family) -> u8 {
-    match f {
-        Family::Ip => 2,   // NFPROTO_IPV4
-        Family::Ip6 => 10, // NFPROTO_IPV6
-    }
-}
-
 /// The request: a rule dump filtered by table and chain.
 pub fn get_rules_request(family: Family, table: &str, chain: &str, seq: u32) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(64);
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
-    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-    msg.extend_from_slice(&[nfproto(family), 0, 0, 0]); // nfgenmsg: family, version 0, res_id 0
-    for (kind, value) in [(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)] {
-        let len = 4 + value.len() + 1;
-        msg.extend_from_slice(&(len as u16).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(value.as_bytes());
-        msg.push(0);
-        msg.resize(msg.len().next_multiple_of(4), 0);
-    }
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-    msg
+    let mut b = Buf::with_capacity(64);
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE;
+    let m = b.begin_msg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, nfproto(family), 0);
+    b.str(NFTA_RULE_TABLE, table);
+    b.str(NFTA_RULE_CHAIN, chain);
+    b.end_msg(m);
+    b.bytes
 }
 
 /// Outcome of parsing one datagram of the reply.
