@@ -1,0 +1,623 @@
+//! A test Kubernetes API server: real HTTP list and watch of Services, EndpointSlices and Nodes,
+//! faithful where a client (kube-rs's watcher, kube-proxy-rs) depends on it.
+//!
+//! No kube-apiserver package can be installed here, so the repository carries this one. It
+//! keeps objects as JSON with a global resourceVersion, and serves:
+//! - lists (`items` plus the list's resourceVersion), with label and field selectors;
+//! - watches from a resourceVersion: the events after it, then live ones, as newline-delimited
+//!   JSON; bookmarks when asked for (`allowWatchBookmarks`); `410 Gone` (an `ERROR` event with
+//!   an `Expired` Status) for a resourceVersion older than the kept history; `timeoutSeconds`;
+//! - an optional bearer token (401 without it).
+//!
+//! Tests drive it in process: [`ApiServer::apply`] and [`ApiServer::delete`] change objects,
+//! [`ApiServer::compact`] forgets history, [`ApiServer::drop_watches`] cuts every watch,
+//! [`ApiServer::stop`] and [`ApiServer::restart`] take it away and bring it back on the same
+//! port. It listens on 127.0.0.1 only, optionally inside a network namespace the test created.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, watch};
+
+/// The resources served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn of(kind: &str) -> Option<Kind> {
+        match kind {
+            "Service" => Some(Kind::Service),
+            "EndpointSlice" => Some(Kind::EndpointSlice),
+            "Node" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+}
+
+/// One change, as a watch sends it.
+#[derive(Debug, Clone)]
+struct Event {
+    rv: u64,
+    kind: Kind,
+    kind_of_change: &'static str,
+    object: Value,
+}
+
+/// (kind, namespace, name).
+type Key = (Kind, String, String);
+
+#[derive(Debug, Default)]
+struct Store {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    /// Every change since `compacted`.
+    log: Vec<Event>,
+    /// Watches from a resourceVersion older than this get 410 Gone.
+    compacted: u64,
+    requests: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    store: Mutex<Store>,
+    events: broadcast::Sender<Event>,
+    /// Bumped to end every open watch.
+    cut: watch::Sender<u64>,
+    token: Option<String>,
+    bookmark_every: Duration,
+}
+
+impl Shared {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Serve inside this network namespace (`/run/netns/NAME`) instead of the caller's.
+    pub netns: Option<String>,
+    /// Require `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+    /// How often a watch that asked for bookmarks gets one.
+    pub bookmark_every: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            netns: None,
+            token: None,
+            bookmark_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A running test API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    netns: Option<String>,
+    serving: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+}
+
+impl ApiServer {
+    /// Starts serving on 127.0.0.1 at a free port. Must be called inside a tokio runtime.
+    pub async fn start(opts: Options) -> std::io::Result<ApiServer> {
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::default()),
+            events,
+            cut: watch::channel(0).0,
+            token: opts.token,
+            bookmark_every: opts.bookmark_every,
+        });
+        let listener = bind(opts.netns.clone(), 0)?;
+        let addr = listener.local_addr()?;
+        let mut server = ApiServer {
+            shared,
+            addr,
+            netns: opts.netns,
+            serving: None,
+        };
+        server.serve(listener)?;
+        Ok(server)
+    }
+
+    fn serve(&mut self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(self.shared.clone());
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await;
+        });
+        self.serving = Some((stop, task));
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store().rv
+    }
+
+    /// Every request served so far (`METHOD path?query`).
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.store().requests.clone()
+    }
+
+    /// Creates or replaces an object (its `kind` field says which resource); returns its new
+    /// resourceVersion. Panics on a kind this server does not serve (a test error).
+    pub fn apply(&self, mut object: Value) -> u64 {
+        let kind = object["kind"]
+            .as_str()
+            .and_then(Kind::of)
+            .unwrap_or_else(|| panic!("the test API server does not serve {}", object["kind"]));
+        let key = key_of(kind, &object);
+        let mut store = self.shared.store();
+        store.rv += 1;
+        let rv = store.rv;
+        object["apiVersion"] = json!(kind.api_version());
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let kind_of_change = if store.objects.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(&mut store, kind, kind_of_change, object);
+        rv
+    }
+
+    /// Deletes an object; `false` if it did not exist.
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        let mut store = self.shared.store();
+        let Some(mut object) = store
+            .objects
+            .remove(&(kind, namespace.to_owned(), name.to_owned()))
+        else {
+            return false;
+        };
+        store.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+        self.record(&mut store, kind, "DELETED", object);
+        true
+    }
+
+    fn record(&self, store: &mut Store, kind: Kind, kind_of_change: &'static str, object: Value) {
+        let event = Event {
+            rv: store.rv,
+            kind,
+            kind_of_change,
+            object,
+        };
+        store.log.push(event.clone());
+        let _ = self.shared.events.send(event);
+    }
+
+    /// Forgets the history: a watch from any resourceVersion before now gets 410 Gone.
+    pub fn compact(&self) {
+        let mut store = self.shared.store();
+        store.compacted = store.rv;
+        store.log.clear();
+    }
+
+    /// Ends every open watch (as a load balancer dropping connections would).
+    pub fn drop_watches(&self) {
+        self.shared.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Stops serving: open watches end and new connections are refused. Objects are kept.
+    pub async fn stop(&mut self) {
+        self.drop_watches();
+        if let Some((stop, task)) = self.serving.take() {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+
+    /// Serves again on the same port.
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        let listener = bind(self.netns.clone(), self.addr.port())?;
+        self.serve(listener)
+    }
+}
+
+/// Binds 127.0.0.1:`port`, in `netns` when given (from a thread that enters it: the socket
+/// stays in that namespace).
+fn bind(netns: Option<String>, port: u16) -> std::io::Result<std::net::TcpListener> {
+    std::thread::spawn(move || {
+        if let Some(ns) = netns {
+            let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+        }
+        std::net::TcpListener::bind(("127.0.0.1", port))
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("bind thread panicked"))?
+}
+
+fn key_of(kind: Kind, object: &Value) -> Key {
+    let meta = &object["metadata"];
+    let ns = match kind {
+        Kind::Node => String::new(),
+        _ => meta["namespace"].as_str().unwrap_or("default").to_owned(),
+    };
+    (
+        kind,
+        ns,
+        meta["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// A parsed request path: the resource, and the namespace or name it is limited to.
+#[derive(Debug, PartialEq, Eq)]
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+fn target(path: &str) -> Option<Target> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (resource, namespace, name) = match parts.as_slice() {
+        ["api", "v1", r] | ["apis", "discovery.k8s.io", "v1", r] => (*r, None, None),
+        ["api", "v1", "namespaces", ns, r]
+        | ["apis", "discovery.k8s.io", "v1", "namespaces", ns, r] => (*r, Some(*ns), None),
+        ["api", "v1", "nodes", n] => ("nodes", None, Some(*n)),
+        _ => return None,
+    };
+    let kind = match (parts[0], resource) {
+        ("api", "services") => Kind::Service,
+        ("api", "nodes") => Kind::Node,
+        ("apis", "endpointslices") => Kind::EndpointSlice,
+        _ => return None,
+    };
+    Some(Target {
+        kind,
+        namespace: namespace.map(str::to_owned),
+        name: name.map(str::to_owned),
+    })
+}
+
+/// One requirement of a label selector (`key`, `!key`, `key=value`, `key==value`,
+/// `key!=value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Req {
+    Exists(String),
+    Absent(String),
+    Eq(String, String),
+    Ne(String, String),
+}
+
+fn label_selector(s: &str) -> Vec<Req> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            if let Some((k, v)) = r.split_once("!=") {
+                Req::Ne(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = r.split_once("==").or_else(|| r.split_once('=')) {
+                Req::Eq(k.trim().into(), v.trim().into())
+            } else if let Some(k) = r.strip_prefix('!') {
+                Req::Absent(k.trim().into())
+            } else {
+                Req::Exists(r.into())
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct Filter {
+    namespace: Option<String>,
+    name: Option<String>,
+    labels: Vec<Req>,
+}
+
+impl Filter {
+    fn new(t: &Target, q: &HashMap<String, String>) -> Filter {
+        let mut f = Filter {
+            namespace: t.namespace.clone(),
+            name: t.name.clone(),
+            labels: label_selector(q.get("labelSelector").map_or("", String::as_str)),
+        };
+        for field in q.get("fieldSelector").map_or("", String::as_str).split(',') {
+            match field.split_once('=') {
+                Some(("metadata.name", v)) => f.name = Some(v.trim_start_matches('=').into()),
+                Some(("metadata.namespace", v)) => {
+                    f.namespace = Some(v.trim_start_matches('=').into())
+                }
+                _ => {}
+            }
+        }
+        f
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let meta = &object["metadata"];
+        let label = |k: &str| meta["labels"][k].as_str();
+        self.namespace
+            .as_deref()
+            .is_none_or(|ns| meta["namespace"].as_str() == Some(ns))
+            && self
+                .name
+                .as_deref()
+                .is_none_or(|n| meta["name"].as_str() == Some(n))
+            && self.labels.iter().all(|r| match r {
+                Req::Exists(k) => label(k).is_some(),
+                Req::Absent(k) => label(k).is_none(),
+                Req::Eq(k, v) => label(k) == Some(v.as_str()),
+                Req::Ne(k, v) => label(k) != Some(v.as_str()),
+            })
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code,
+    })
+}
+
+fn reply(code: StatusCode, body: Value) -> Response {
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    shared.store().requests.push(format!(
+        "GET {}{}",
+        uri.path(),
+        uri.query().map(|q| format!("?{q}")).unwrap_or_default()
+    ));
+    if let Some(token) = &shared.token {
+        let ok = headers
+            .get("authorization")
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| h == format!("Bearer {token}"));
+        if !ok {
+            return reply(
+                StatusCode::UNAUTHORIZED,
+                status(401, "Unauthorized", "Unauthorized"),
+            );
+        }
+    }
+    let Some(t) = target(uri.path()) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
+    };
+    let filter = Filter::new(&t, &q);
+    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let from = q
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs);
+        return stream(shared, t.kind, filter, from, bookmarks, timeout);
+    }
+    let store = shared.store();
+    if let Some(name) = &t.name {
+        let key = (t.kind, String::new(), name.clone());
+        return match store.objects.get(&key) {
+            Some(o) => reply(StatusCode::OK, o.clone()),
+            None => reply(
+                StatusCode::NOT_FOUND,
+                status(404, "NotFound", &format!("nodes \"{name}\" not found")),
+            ),
+        };
+    }
+    let items: Vec<&Value> = store
+        .objects
+        .iter()
+        .filter(|((k, _, _), o)| *k == t.kind && filter.matches(o))
+        .map(|(_, o)| o)
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({
+            "kind": format!("{}List", t.kind.name()),
+            "apiVersion": t.kind.api_version(),
+            "metadata": {"resourceVersion": store.rv.to_string()},
+            "items": items,
+        }),
+    )
+}
+
+/// A watch: the history after `from`, then live events, until the timeout or a cut.
+fn stream(
+    shared: Arc<Shared>,
+    kind: Kind,
+    filter: Filter,
+    from: u64,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let line = |v: Value| Bytes::from(format!("{v}\n"));
+    let mut live = shared.events.subscribe();
+    let mut cut = shared.cut.subscribe();
+    let backlog: Result<Vec<Event>, u64> = {
+        let store = shared.store();
+        if from < store.compacted {
+            Err(store.compacted)
+        } else {
+            Ok(store.log.iter().filter(|e| e.rv > from).cloned().collect())
+        }
+    };
+    tokio::spawn(async move {
+        let event = |e: &Event| line(json!({"type": e.kind_of_change, "object": e.object}));
+        let backlog = match backlog {
+            Ok(b) => b,
+            Err(oldest) => {
+                let gone = status(
+                    410,
+                    "Expired",
+                    &format!("too old resource version: {from} ({oldest})"),
+                );
+                let _ = tx
+                    .send(line(json!({"type": "ERROR", "object": gone})))
+                    .await;
+                return;
+            }
+        };
+        let mut last = from;
+        for e in backlog
+            .iter()
+            .filter(|e| e.kind == kind && filter.matches(&e.object))
+        {
+            if tx.send(event(e)).await.is_err() {
+                return;
+            }
+        }
+        if let Some(e) = backlog.last() {
+            last = e.rv;
+        }
+        let deadline = tokio::time::sleep(timeout.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(shared.bookmark_every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                got = live.recv() => match got {
+                    Ok(e) if e.rv > last => {
+                        last = e.rv;
+                        if e.kind == kind && filter.matches(&e.object) && tx.send(event(&e)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Fell behind or the server is gone: end the watch; the client resumes.
+                    Err(_) => return,
+                },
+                _ = tick.tick(), if bookmarks => {
+                    let rv = shared.store().rv;
+                    let mark = json!({"type": "BOOKMARK", "object": {
+                        "kind": kind.name(), "apiVersion": kind.api_version(),
+                        "metadata": {"resourceVersion": rv.to_string()},
+                    }});
+                    if tx.send(line(mark)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = &mut deadline => return,
+                _ = cut.changed() => return,
+            }
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_the_resource() {
+        assert_eq!(
+            target("/api/v1/services").map(|t| t.kind),
+            Some(Kind::Service)
+        );
+        assert_eq!(
+            target("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices"),
+            Some(Target {
+                kind: Kind::EndpointSlice,
+                namespace: Some("ns".into()),
+                name: None
+            })
+        );
+        assert_eq!(
+            target("/api/v1/nodes/n1").and_then(|t| t.name),
+            Some("n1".into())
+        );
+        assert_eq!(target("/api/v1/pods"), None);
+    }
+
+    #[test]
+    fn label_selectors_as_upstream_uses_them() {
+        let sel = label_selector(
+            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless",
+        );
+        let f = Filter {
+            labels: sel,
+            ..Filter::default()
+        };
+        assert!(f.matches(&json!({"metadata": {"name": "a"}})));
+        assert!(
+            !f.matches(&json!({"metadata": {"labels": {"service.kubernetes.io/headless": ""}}}))
+        );
+        let f = Filter {
+            labels: label_selector("app=web,tier!=db"),
+            ..Filter::default()
+        };
+        assert!(f.matches(&json!({"metadata": {"labels": {"app": "web"}}})));
+        assert!(!f.matches(&json!({"metadata": {"labels": {"app": "web", "tier": "db"}}})));
+    }
+}
