@@ -1,0 +1,139 @@
+//! The API-server source against the test API server (real HTTP, the real kube-rs client):
+//! first lists become `Replace`, changes `Apply`/`Delete`, other proxies' and headless objects
+//! are filtered by the selector, only this node's Node arrives, and a relist after 410 Gone
+//! replaces the whole set, so objects deleted while the watch was down disappear.
+#![allow(clippy::unwrap_used)]
+
+use kpr_apiserver::{ApiServer, Kind, Options};
+use kpr_model::{Input, Update};
+use kpr_testkit::{node, service, slice};
+use kpr_watch::api::{self, Connect};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+fn json<T: serde::Serialize>(o: &T) -> serde_json::Value {
+    serde_json::to_value(o).unwrap()
+}
+
+/// A short description of an input: `S=a,b` (Services replaced), `S+a`, `S-a`, `E=..`,
+/// `N=node-a` / `N=-`.
+fn describe(i: &Input) -> String {
+    let names = |v: Vec<Option<String>>| {
+        let mut v: Vec<String> = v.into_iter().flatten().collect();
+        v.sort();
+        v.join(",")
+    };
+    match i {
+        Input::Services(Update::Replace(v)) => {
+            format!("S={}", names(v.iter().map(|s| s.metadata.name.clone()).collect()))
+        }
+        Input::Services(Update::Apply(s)) => format!("S+{}", s.metadata.name.clone().unwrap()),
+        Input::Services(Update::Delete(k)) => format!("S-{}", k.name),
+        Input::Slices(Update::Replace(v)) => {
+            format!("E={}", names(v.iter().map(|s| s.metadata.name.clone()).collect()))
+        }
+        Input::Slices(Update::Apply(s)) => format!("E+{}", s.metadata.name.clone().unwrap()),
+        Input::Slices(Update::Delete(k)) => format!("E-{}", k.name),
+        Input::Node(Some(n)) => format!("N={}", n.metadata.name.clone().unwrap()),
+        Input::Node(None) => "N=-".into(),
+    }
+}
+
+async fn expect(rx: &mut mpsc::Receiver<Input>, want: &[&str]) {
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let i = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out: got {got:?}, want {want:?}"))
+            .unwrap();
+        got.push(describe(&i));
+    }
+    got.sort();
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_source_follows_the_cluster_through_a_relist() {
+    let mut server = ApiServer::start(Options::default()).await.unwrap();
+    server.apply(json(&service("ns", "a").cluster_ip("172.30.0.1").port("p", 80, "TCP").build()));
+    server.apply(json(
+        &service("ns", "theirs")
+            .cluster_ip("172.30.0.2")
+            .port("p", 80, "TCP")
+            .label("service.kubernetes.io/service-proxy-name", "other")
+            .build(),
+    ));
+    server.apply(json(&slice("ns", "a", "x").port("p", 8080, "TCP").ready("10.0.0.1", "node-a").build()));
+    server.apply(json(&node("node-a").build()));
+    server.apply(json(&node("node-b").build()));
+
+    let client = api::client(&Connect {
+        master: Some(server.url()),
+        ..Connect::default()
+    })
+    .await
+    .unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let (stop, shutdown) = watch::channel(false);
+    let source = tokio::spawn(api::run(client, "node-a".into(), tx, shutdown));
+    expect(&mut rx, &["S=a", "E=a-x", "N=node-a"]).await;
+
+    server.apply(json(&service("ns", "b").cluster_ip("172.30.0.3").port("p", 80, "TCP").build()));
+    server.delete(Kind::EndpointSlice, "ns", "a-x");
+    server.apply(json(&node("node-b").label("x", "y").build()));
+    expect(&mut rx, &["S+b", "E-a-x"]).await;
+
+    // Down for a while; b is deleted and c created meanwhile, the history is forgotten: the
+    // relist replaces everything, without b.
+    server.stop().await;
+    server.delete(Kind::Service, "ns", "b");
+    server.apply(json(&service("ns", "c").cluster_ip("172.30.0.4").port("p", 80, "TCP").build()));
+    server.compact();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.restart().await.unwrap();
+    expect(&mut rx, &["S=a,c", "E=", "N=node-a"]).await;
+
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), source).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn connect_paths_kubeconfig_master_and_in_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kubeconfig");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'http://127.0.0.1:6443'}}]\nusers: [{name: u, user: {token: abc}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let from_file = api::config(&Connect {
+        kubeconfig: Some(path.clone()),
+        master: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(from_file.cluster_url.to_string(), "http://127.0.0.1:6443/");
+    let overridden = api::config(&Connect {
+        kubeconfig: Some(path),
+        master: Some("http://127.0.0.1:7000".into()),
+    })
+    .await
+    .unwrap();
+    assert_eq!(overridden.cluster_url.to_string(), "http://127.0.0.1:7000/");
+    assert!(
+        api::config(&Connect {
+            master: Some("not a url at all".into()),
+            ..Connect::default()
+        })
+        .await
+        .is_err()
+    );
+    // Not in a cluster: a clear error naming the flags (the in-cluster path itself is tested
+    // through the binary, which can be given a service-account directory).
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        let err = api::config(&Connect::default()).await.unwrap_err().to_string();
+        assert!(err.contains("--kubeconfig"), "{err}");
+    }
+}
