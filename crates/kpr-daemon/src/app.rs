@@ -61,17 +61,26 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     if proxy.cleanup {
         anyhow::bail!("--cleanup is not available in this build yet: it lands with the data plane");
     }
-    let Some(dir) = proxy.manifests.as_deref() else {
-        anyhow::bail!(
-            "no object source: this build reads Services and EndpointSlices from --manifests DIR; \
-             the API-server source (--kubeconfig, --master, in-cluster) is not built yet"
-        );
-    };
     let cfg = sync_config(proxy)?;
-    tracing::info!(node = %cfg.node_name, mode = proxy.mode.as_str(), manifests = %dir.display(), "Starting kube-proxy-rs");
-    if proxy.dry_run {
-        return dry_run(cfg, dir, proxy);
-    }
+    let source = match proxy.manifests.as_deref() {
+        Some(dir) => {
+            tracing::info!(node = %cfg.node_name, mode = proxy.mode.as_str(), manifests = %dir.display(), "Starting kube-proxy-rs");
+            if proxy.dry_run {
+                return dry_run(cfg, dir, proxy);
+            }
+            Source::Manifests(dir.to_owned())
+        }
+        None if proxy.dry_run => {
+            anyhow::bail!("--dry-run reads its objects from --manifests DIR")
+        }
+        None => {
+            tracing::info!(node = %cfg.node_name, mode = proxy.mode.as_str(), "Starting kube-proxy-rs, watching the API server");
+            Source::Api(kpr_watch::api::Connect {
+                kubeconfig: proxy.client.kubeconfig.clone(),
+                master: proxy.client.master.clone(),
+            })
+        }
+    };
     let mut state = SyncState::new(cfg);
     match proxy.mode {
         ProxyMode::Nftables => {
@@ -98,7 +107,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(state, dir.to_owned()))
+    rt.block_on(serve(state, source))
 }
 
 /// `--dry-run`: read the directory once, compute, print the report, exit.
@@ -137,25 +146,56 @@ fn dry_run(cfg: SyncConfig, dir: &Path, proxy: &ProxyConfig) -> anyhow::Result<(
 }
 
 /// The long-running mode: follow the directory, sync on changes, stop on SIGTERM/SIGINT.
-async fn serve(state: SyncState, dir: std::path::PathBuf) -> anyhow::Result<()> {
+/// Where Services, EndpointSlices and the Node come from.
+#[derive(Debug)]
+enum Source {
+    Manifests(std::path::PathBuf),
+    Api(kpr_watch::api::Connect),
+}
+
+async fn serve(state: SyncState, source: Source) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
     let (stop, shutdown) = watch::channel(false);
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let source = tokio::spawn(kpr_watch::run(
-        dir,
-        tx,
-        shutdown.clone(),
-        kpr_watch::DEFAULT_POLL_INTERVAL,
-    ));
+    let node = state.node_name().to_owned();
+    let source = match source {
+        Source::Manifests(dir) => {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                kpr_watch::run(dir, tx, shutdown, kpr_watch::DEFAULT_POLL_INTERVAL)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        Source::Api(connect) => {
+            let client = kpr_watch::api::client(&connect).await?;
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                kpr_watch::api::run(client, node, tx, shutdown).await;
+                Ok(())
+            })
+        }
+    };
     let looper = tokio::spawn(sync::run(state, rx, shutdown, reports_tx));
     let drain = tokio::spawn(async move { while reports.recv().await.is_some() {} });
-    wait_for_signal().await?;
-    tracing::info!("Shutting down");
+    let mut looper = std::pin::pin!(looper);
+    let state = tokio::select! {
+        r = wait_for_signal() => {
+            r?;
+            tracing::info!("Shutting down");
+            let _ = stop.send(true);
+            (&mut looper).await?
+        }
+        // The loop stops by itself only when the process must exit (§2.3).
+        state = &mut looper => state?,
+    };
     let _ = stop.send(true);
     source.await??;
-    let _ = looper.await?;
     let _ = drain.await;
-    Ok(())
+    match state.exit_reason() {
+        Some(reason) => anyhow::bail!("{reason}"),
+        None => Ok(()),
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
@@ -195,6 +235,7 @@ fn sync_config(proxy: &ProxyConfig) -> anyhow::Result<SyncConfig> {
         bind_address: Some(proxy.bind_address),
         min_sync_period: proxy.min_sync_period,
         sync_period: proxy.sync_period,
+        wait_for_node: proxy.manifests.is_none(),
     })
 }
 

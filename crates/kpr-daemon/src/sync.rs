@@ -25,6 +25,10 @@ pub struct SyncConfig {
     pub min_sync_period: Duration,
     /// Periodic full resync (and, with a data plane, the retry delay cap).
     pub sync_period: Duration,
+    /// Program nothing until this node's Node has arrived with an address (and, in NodeCIDR
+    /// mode, its podCIDRs), as upstream's startup waits for it (§2.1 step 5). The API source
+    /// sets it; a manifest directory may have no Node.
+    pub wait_for_node: bool,
 }
 
 /// The result of one sync, for logging and (later) metrics.
@@ -50,6 +54,17 @@ pub struct SyncState {
     dataplane: Option<Dataplane>,
     /// The last sync failed, or a repair or periodic resync is due: sync even without changes.
     force: bool,
+    /// This node's IPs and podCIDRs as first seen: a change makes the process exit (§2.3).
+    node_baseline: Option<NodeBaseline>,
+    /// Why the process must exit, once it must.
+    exit: Option<String>,
+}
+
+/// The node facts the process cannot change without a restart (§2.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeBaseline {
+    ips: std::collections::BTreeMap<IpFamily, IpAddr>,
+    pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl SyncState {
@@ -64,6 +79,8 @@ impl SyncState {
             wrong_node_logged: false,
             dataplane: None,
             force: false,
+            node_baseline: None,
+            exit: None,
         }
     }
 
@@ -99,16 +116,64 @@ impl SyncState {
                     return;
                 }
             }
+            Input::Node(None) if self.node_baseline.is_some() && self.cfg.wait_for_node => {
+                self.exit = Some("this node's Node object was deleted".into());
+            }
             _ => {}
         }
+        let node_input = matches!(input, Input::Node(Some(_)));
         for skipped in self.trackers.record(input) {
             tracing::warn!("{skipped}");
         }
+        if node_input {
+            self.check_node();
+        }
+    }
+
+    /// Takes the node's IPs and podCIDRs as the baseline once they are known, and asks for an
+    /// exit when they change afterwards (§2.3: the process restarts with the new values).
+    fn check_node(&mut self) {
+        let Some(facts) = self.trackers.state().node() else {
+            return;
+        };
+        let node_cidr = matches!(self.cfg.detect_local, DetectLocalMode::NodeCidr);
+        let now = NodeBaseline {
+            ips: facts.node_ips.clone(),
+            pod_cidrs: if node_cidr {
+                facts.pod_cidrs.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        match &self.node_baseline {
+            None if !now.ips.is_empty() && (!node_cidr || !now.pod_cidrs.is_empty()) => {
+                self.node_baseline = Some(now);
+            }
+            Some(before) if *before != now && self.cfg.wait_for_node => {
+                self.exit = Some(format!(
+                    "this node's IPs or podCIDRs changed (from {:?} {:?} to {:?} {:?}); exiting so the restart uses them",
+                    before.ips, before.pod_cidrs, now.ips, now.pod_cidrs
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    /// Why the process must exit now, if it must.
+    pub fn exit_reason(&self) -> Option<&str> {
+        self.exit.as_deref()
     }
 
     /// Every source has delivered its first full list.
     pub fn ready(&self) -> bool {
-        self.services_listed && self.slices_listed
+        self.services_listed
+            && self.slices_listed
+            && (!self.cfg.wait_for_node || self.node_baseline.is_some())
     }
 
     /// A sync would do something.
@@ -214,6 +279,9 @@ pub async fn run(
                     while let Ok(more) = inputs.try_recv() {
                         state.record(more);
                     }
+                    if state.exit_reason().is_some() {
+                        break;
+                    }
                 }
                 None => break,
             },
@@ -292,6 +360,7 @@ mod tests {
             bind_address: None,
             min_sync_period: Duration::from_secs(1),
             sync_period: Duration::from_secs(30),
+            wait_for_node: false,
         }
     }
 
