@@ -434,4 +434,90 @@ mod tests {
         let state = task.await.unwrap();
         assert_eq!(state.desired().families[&IpFamily::V4].ports.len(), 1000);
     }
+
+    /// Issue 4: 1,000 Service changes written to the (test) API server in a burst reach the
+    /// sync loop through real HTTP watches and are coalesced into a few syncs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_through_the_api_server_is_coalesced() {
+        let server = kpr_apiserver::ApiServer::start(kpr_apiserver::Options::default())
+            .await
+            .unwrap();
+        let json = |v: &k8s_openapi::api::core::v1::Node| serde_json::to_value(v).unwrap();
+        server.apply(json(
+            &kpr_testkit::node(NODE)
+                .address("InternalIP", "192.168.0.2")
+                .build(),
+        ));
+        let client = kpr_watch::api::client(&kpr_watch::api::Connect {
+            master: Some(server.url()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let (tx, rx) = mpsc::channel(1024);
+        let (_stop, shutdown) = watch::channel(false);
+        let (rtx, mut reports) = mpsc::unbounded_channel();
+        let source = tokio::spawn(kpr_watch::api::run(
+            client,
+            NODE.into(),
+            tx,
+            shutdown.clone(),
+        ));
+        let cfg = SyncConfig {
+            wait_for_node: true,
+            ..cfg()
+        };
+        let task = tokio::spawn(run(SyncState::new(cfg), rx, shutdown, rtx));
+        let first = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(first.plan.full, "the first sync follows the first lists");
+        for i in 0..1000 {
+            server.apply(serde_json::to_value(svc(i)).unwrap());
+        }
+        let mut syncs = 0;
+        let mut changed = 0;
+        while changed < 1000 {
+            let r = tokio::time::timeout(Duration::from_secs(20), reports.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            syncs += 1;
+            changed += r.plan.changed_services.len();
+        }
+        assert!(syncs <= 10, "{syncs} syncs for 1000 changes");
+        source.abort();
+        task.abort();
+    }
+
+    /// §2.3: the node's IPs change (or its Node is deleted): the loop stops and says why.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_ip_change_ends_the_loop_with_a_reason() {
+        let (tx, rx) = mpsc::channel(16);
+        let (_stop, shutdown) = watch::channel(false);
+        let (rtx, _reports) = mpsc::unbounded_channel();
+        let cfg = SyncConfig {
+            wait_for_node: true,
+            ..cfg()
+        };
+        let task = tokio::spawn(run(SyncState::new(cfg), rx, shutdown, rtx));
+        let node = |ip: &str| {
+            Input::Node(Some(Box::new(
+                kpr_testkit::node(NODE).address("InternalIP", ip).build(),
+            )))
+        };
+        tx.send(node("192.168.0.2")).await.unwrap();
+        tx.send(node("192.168.0.2")).await.unwrap();
+        tx.send(node("192.168.0.9")).await.unwrap();
+        let state = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            state.exit_reason().unwrap().contains("IPs"),
+            "{:?}",
+            state.exit_reason()
+        );
+    }
 }

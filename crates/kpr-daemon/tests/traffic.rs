@@ -116,10 +116,15 @@ impl Cluster {
     /// Starts the proxy in the node namespace and waits for its first sync.
     /// Returns the proxy's process id.
     fn start_proxy(&mut self) -> u32 {
+        let source = format!("--manifests {}", self.dir.path().display());
+        self.start_proxy_with(&source)
+    }
+
+    /// Starts the proxy with `source` (`--manifests DIR` or `--master URL`).
+    fn start_proxy_with(&mut self, source: &str) -> u32 {
         let cmd = format!(
-            "exec {} --proxy-mode nftables --manifests {} --hostname-override node-a --cluster-cidr 10.0.0.0/8 --nodeport-addresses primary --iptables-min-sync-period 0s -v 2 2>>{}",
+            "exec {} --proxy-mode nftables {source} --hostname-override node-a --cluster-cidr 10.0.0.0/8 --nodeport-addresses primary --iptables-min-sync-period 0s -v 2 2>>{}",
             env!("CARGO_BIN_EXE_kube-proxy-rs"),
-            self.dir.path().display(),
             self.log.display()
         );
         let node = self.node.clone();
@@ -711,4 +716,116 @@ fn rules_survive_a_restart_and_established_connections_keep_working() {
         "new connections work right after start"
     );
     echo.still_works();
+}
+
+/// Issue 4 end to end: the real binary watches the test API server (serving inside the node
+/// namespace) and real traffic follows what the API says: a Service and its slice become
+/// reachable, scaling moves new connections, a Service of another proxy is ignored; with the
+/// API server away the rules keep serving, and what was deleted meanwhile is gone after the
+/// relist that the expired resourceVersion (410) forces; deleting a Service removes it.
+#[test]
+fn api_server_source_end_to_end() {
+    let Some(mut c) = Cluster::new("api") else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", None);
+    c.pod("pod1", "10.0.0.11", None);
+    c.pod("pod2", "10.0.0.12", None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut api = rt
+        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
+            netns: Some(c.node.clone()),
+            token: Some("node-a-token".into()),
+            ..Default::default()
+        }))
+        .unwrap();
+    // Reached through a kubeconfig with a bearer token, as a node's kube-proxy is.
+    let kubeconfig = c.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}'}}}}]\nusers: [{{name: kube-proxy, user: {{token: node-a-token}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: kube-proxy}}}}]\ncurrent-context: x\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let obj = |yaml: &str| -> serde_json::Value { serde_saphyr::from_str(yaml).unwrap() };
+    api.apply(obj(NODE_YAML));
+    api.apply(obj(&service("web", "172.30.0.10", "", WEB_PORTS)));
+    api.apply(obj(&slice(
+        "web",
+        "IPv4",
+        &[("10.0.0.11", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    api.apply(obj(&service("gone", "172.30.0.11", "", WEB_PORTS)));
+    api.apply(obj(&slice(
+        "gone",
+        "IPv4",
+        &[("10.0.0.12", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    let theirs = service("theirs", "172.30.0.12", "", WEB_PORTS).replace(
+        "namespace: default}",
+        "namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
+    );
+    api.apply(obj(&theirs));
+    api.apply(obj(&slice(
+        "theirs",
+        "IPv4",
+        &[("10.0.0.12", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    c.start_proxy_with(&format!("--kubeconfig {}", kubeconfig.display()));
+
+    assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
+    assert_eq!(who(&c.lab.tcp(&client, "172.30.0.11", 80)), "pod2");
+    assert!(
+        !matches!(c.lab.tcp(&client, "172.30.0.12", 80), Reply::Ok(_)),
+        "a Service of another proxy gets no rules"
+    );
+
+    // Scale up: new connections reach both endpoints.
+    api.apply(obj(&slice(
+        "web",
+        "IPv4",
+        &[("10.0.0.11", "node-a"), ("10.0.0.12", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    let mut seen = std::collections::BTreeSet::new();
+    Lab::wait_for("both endpoints answering", Duration::from_secs(10), || {
+        seen.insert(who(&c.lab.tcp(&client, "172.30.0.10", 80)));
+        seen.len() == 2
+    });
+
+    // The API server goes away: the rules keep serving. Meanwhile `gone` is deleted and the
+    // history forgotten, so the proxy's watch cannot resume: it must list again.
+    rt.block_on(api.stop());
+    assert_eq!(
+        who(&c.lab.tcp(&client, "172.30.0.11", 80)),
+        "pod2",
+        "rules stay while the API server is away"
+    );
+    api.delete(kpr_apiserver::Kind::Service, "default", "gone");
+    api.delete(kpr_apiserver::Kind::EndpointSlice, "default", "gone-1");
+    api.compact();
+    std::thread::sleep(Duration::from_secs(1));
+    rt.block_on(api.restart()).unwrap();
+    Lab::wait_for(
+        "the deleted Service gone after the relist",
+        Duration::from_secs(20),
+        || !matches!(c.lab.tcp(&client, "172.30.0.11", 80), Reply::Ok(_)),
+    );
+    assert!(who(&c.lab.tcp(&client, "172.30.0.10", 80)).starts_with("pod"));
+
+    // Deleting a Service removes its rules (its watch may still be waiting out the reconnect
+    // backoff it built up while the API server was away: up to kube-rs's backoff, not 5 s).
+    api.delete(kpr_apiserver::Kind::Service, "default", "web");
+    Lab::wait_for("web gone", Duration::from_secs(40), || {
+        !matches!(c.lab.tcp(&client, "172.30.0.10", 80), Reply::Ok(_))
+    });
 }

@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, watch};
 
 /// Upstream's label selector for Services and EndpointSlices (§3.1): Services of another
 /// proxy, and headless ones, are not ours.
-pub const SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+pub const SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// How to reach the API server, as upstream's flags say it.
 #[derive(Debug, Clone, Default)]
@@ -57,7 +58,10 @@ pub async fn config(c: &Connect) -> Result<kube::Config, ConnectError> {
     let master = c
         .master
         .as_ref()
-        .map(|m| m.parse::<http::Uri>().map_err(|_| ConnectError::Master(m.clone())))
+        .map(|m| {
+            m.parse::<http::Uri>()
+                .map_err(|_| ConnectError::Master(m.clone()))
+        })
         .transpose()?;
     let mut cfg = match (&c.kubeconfig, &master) {
         (Some(path), _) => {

@@ -25,12 +25,18 @@ fn describe(i: &Input) -> String {
     };
     match i {
         Input::Services(Update::Replace(v)) => {
-            format!("S={}", names(v.iter().map(|s| s.metadata.name.clone()).collect()))
+            format!(
+                "S={}",
+                names(v.iter().map(|s| s.metadata.name.clone()).collect())
+            )
         }
         Input::Services(Update::Apply(s)) => format!("S+{}", s.metadata.name.clone().unwrap()),
         Input::Services(Update::Delete(k)) => format!("S-{}", k.name),
         Input::Slices(Update::Replace(v)) => {
-            format!("E={}", names(v.iter().map(|s| s.metadata.name.clone()).collect()))
+            format!(
+                "E={}",
+                names(v.iter().map(|s| s.metadata.name.clone()).collect())
+            )
         }
         Input::Slices(Update::Apply(s)) => format!("E+{}", s.metadata.name.clone().unwrap()),
         Input::Slices(Update::Delete(k)) => format!("E-{}", k.name),
@@ -57,7 +63,12 @@ async fn expect(rx: &mut mpsc::Receiver<Input>, want: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_source_follows_the_cluster_through_a_relist() {
     let mut server = ApiServer::start(Options::default()).await.unwrap();
-    server.apply(json(&service("ns", "a").cluster_ip("172.30.0.1").port("p", 80, "TCP").build()));
+    server.apply(json(
+        &service("ns", "a")
+            .cluster_ip("172.30.0.1")
+            .port("p", 80, "TCP")
+            .build(),
+    ));
     server.apply(json(
         &service("ns", "theirs")
             .cluster_ip("172.30.0.2")
@@ -65,7 +76,12 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
             .label("service.kubernetes.io/service-proxy-name", "other")
             .build(),
     ));
-    server.apply(json(&slice("ns", "a", "x").port("p", 8080, "TCP").ready("10.0.0.1", "node-a").build()));
+    server.apply(json(
+        &slice("ns", "a", "x")
+            .port("p", 8080, "TCP")
+            .ready("10.0.0.1", "node-a")
+            .build(),
+    ));
     server.apply(json(&node("node-a").build()));
     server.apply(json(&node("node-b").build()));
 
@@ -80,7 +96,12 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
     let source = tokio::spawn(api::run(client, "node-a".into(), tx, shutdown));
     expect(&mut rx, &["S=a", "E=a-x", "N=node-a"]).await;
 
-    server.apply(json(&service("ns", "b").cluster_ip("172.30.0.3").port("p", 80, "TCP").build()));
+    server.apply(json(
+        &service("ns", "b")
+            .cluster_ip("172.30.0.3")
+            .port("p", 80, "TCP")
+            .build(),
+    ));
     server.delete(Kind::EndpointSlice, "ns", "a-x");
     server.apply(json(&node("node-b").label("x", "y").build()));
     expect(&mut rx, &["S+b", "E-a-x"]).await;
@@ -89,14 +110,22 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
     // relist replaces everything, without b.
     server.stop().await;
     server.delete(Kind::Service, "ns", "b");
-    server.apply(json(&service("ns", "c").cluster_ip("172.30.0.4").port("p", 80, "TCP").build()));
+    server.apply(json(
+        &service("ns", "c")
+            .cluster_ip("172.30.0.4")
+            .port("p", 80, "TCP")
+            .build(),
+    ));
     server.compact();
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.restart().await.unwrap();
     expect(&mut rx, &["S=a,c", "E=", "N=node-a"]).await;
 
     let _ = stop.send(true);
-    tokio::time::timeout(Duration::from_secs(5), source).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), source)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -133,7 +162,10 @@ async fn connect_paths_kubeconfig_master_and_in_cluster() {
     // Not in a cluster: a clear error naming the flags (the in-cluster path itself is tested
     // through the binary, which can be given a service-account directory).
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
-        let err = api::config(&Connect::default()).await.unwrap_err().to_string();
+        let err = api::config(&Connect::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--kubeconfig"), "{err}");
     }
 }
