@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod dataplane;
+pub mod latency;
 pub mod logging;
 pub mod report;
 pub mod sync;

@@ -39,6 +39,9 @@ pub struct SyncReport {
     pub ports: Vec<(IpFamily, usize)>,
     /// The data plane's result (`None` without a data plane).
     pub applied: Option<Result<crate::dataplane::ApplyReport, String>>,
+    /// Network-programming latency of the EndpointSlice changes this sync put in the kernel
+    /// (from their last-change-trigger-time; empty unless the data plane applied them).
+    pub network_programming: Vec<Duration>,
 }
 
 /// All state the loop owns.
@@ -221,6 +224,13 @@ impl SyncState {
             self.force_full();
         }
         self.context = Some((ctx, policy));
+        let network_programming = match &applied {
+            Some(Ok(_)) => crate::latency::network_programming(
+                &plan.trigger_times,
+                std::time::SystemTime::now(),
+            ),
+            _ => Vec::new(),
+        };
         let ports = self
             .desired
             .families
@@ -231,6 +241,7 @@ impl SyncState {
             plan,
             ports,
             applied,
+            network_programming,
         }
     }
 }
@@ -327,6 +338,13 @@ fn log_report(r: &SyncReport) {
                 elapsed_us = a.elapsed.as_micros() as u64,
                 "Synced nftables rules"
             );
+            if let Some(worst) = r.network_programming.iter().max() {
+                tracing::debug!(
+                    changes = r.network_programming.len(),
+                    max_ms = worst.as_millis() as u64,
+                    "Network programming latency"
+                );
+            }
             return;
         }
         Some(Err(e)) => {
