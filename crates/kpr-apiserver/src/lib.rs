@@ -7,7 +7,8 @@
 //! - watches from a resourceVersion: the events after it, then live ones, as newline-delimited
 //!   JSON; bookmarks when asked for (`allowWatchBookmarks`); `410 Gone` (an `ERROR` event with
 //!   an `Expired` Status) for a resourceVersion older than the kept history; `timeoutSeconds`;
-//! - an optional bearer token (401 without it).
+//! - an optional bearer token (401 without it), over plain HTTP or HTTPS with a certificate of
+//!   its own test CA for 127.0.0.1 ([`ApiServer::ca_pem`], for a kubeconfig or `ca.crt`).
 //!
 //! Tests drive it in process: [`ApiServer::apply`] and [`ApiServer::delete`] change objects,
 //! [`ApiServer::compact`] forgets history, [`ApiServer::drop_watches`] cuts every watch,
@@ -108,6 +109,8 @@ pub struct Options {
     pub token: Option<String>,
     /// How often a watch that asked for bookmarks gets one.
     pub bookmark_every: Duration,
+    /// Serve HTTPS with a certificate for 127.0.0.1 signed by a CA made for this server.
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -116,6 +119,7 @@ impl Default for Options {
             netns: None,
             token: None,
             bookmark_every: Duration::from_secs(1),
+            tls: false,
         }
     }
 }
@@ -126,6 +130,7 @@ pub struct ApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
     netns: Option<String>,
+    tls: Option<(Arc<rustls::ServerConfig>, String)>,
     serving: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
@@ -142,38 +147,81 @@ impl ApiServer {
         });
         let listener = bind(opts.netns.clone(), 0)?;
         let addr = listener.local_addr()?;
+        let tls = if opts.tls { Some(tls_config()?) } else { None };
         let mut server = ApiServer {
             shared,
             addr,
             netns: opts.netns,
+            tls,
             serving: None,
         };
         server.serve(listener)?;
         Ok(server)
     }
 
+    /// Accepts connections until stopped; every connection is ended when it stops (as a
+    /// server that goes away ends them), watches included.
     fn serve(&mut self, listener: std::net::TcpListener) -> std::io::Result<()> {
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(self.shared.clone());
+        let acceptor = self
+            .tls
+            .as_ref()
+            .map(|(cfg, _)| tokio_rustls::TlsAcceptor::from(cfg.clone()));
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await;
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let tcp = tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    got = listener.accept() => match got {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                };
+                let (app, acceptor) = (app.clone(), acceptor.clone());
+                conns.spawn(async move {
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(tcp).await {
+                                let io = hyper_util::rt::TokioIo::new(tls);
+                                let _ = http.serve_connection(io, service).await;
+                            }
+                        }
+                        None => {
+                            let io = hyper_util::rt::TokioIo::new(tcp);
+                            let _ = http.serve_connection(io, service).await;
+                        }
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+            conns.abort_all();
+            while conns.join_next().await.is_some() {}
         });
         self.serving = Some((stop, task));
         Ok(())
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The port served.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The PEM certificate of the CA that signed the server's certificate (TLS only).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.tls.as_ref().map(|(_, ca)| ca.as_str())
     }
 
     /// The current resourceVersion.
@@ -260,6 +308,37 @@ impl ApiServer {
         let listener = bind(self.netns.clone(), self.addr.port())?;
         self.serve(listener)
     }
+}
+
+/// A CA made for this server, and a certificate it signed for 127.0.0.1 and localhost.
+fn tls_config() -> std::io::Result<(Arc<rustls::ServerConfig>, String)> {
+    let err = |e: rcgen::Error| std::io::Error::other(format!("making the test certificate: {e}"));
+    let ca_key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "kpr-apiserver test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).map_err(err)?;
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).map_err(err)?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
+            127, 0, 0, 1,
+        ])));
+    let cert = params.signed_by(&key, &ca).map_err(err)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .map_err(std::io::Error::other)?;
+    Ok((Arc::new(config), ca.pem()))
 }
 
 /// Binds 127.0.0.1:`port`, in `netns` when given (from a thread that enters it: the socket

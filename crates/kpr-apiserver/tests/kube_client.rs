@@ -163,3 +163,40 @@ async fn a_field_selector_picks_this_node_and_a_token_is_required_when_set() {
         .collect();
     assert_eq!(names, ["node-b"]);
 }
+
+/// HTTPS with the server's own CA and a bearer token, through a kubeconfig file, as a node's
+/// kube-proxy reaches a real API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_kubeconfig_ca_and_token() {
+    let server = ApiServer::start(Options {
+        tls: true,
+        token: Some("t0ken".into()),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    assert!(server.url().starts_with("https://127.0.0.1:"));
+    server.apply(svc("a", "172.30.0.1", json!({})));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, server.ca_pem().unwrap()).unwrap();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}', certificate-authority: '{}'}}}}]\nusers: [{{name: u, user: {{token: t0ken}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+        server.url(),
+        ca.display()
+    );
+    let kc = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let api: Api<Service> = Api::all(Client::try_from(cfg).unwrap());
+    let names: Vec<_> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert_eq!(names, ["a"]);
+}
