@@ -200,3 +200,38 @@ async fn https_with_a_kubeconfig_ca_and_token() {
         .collect();
     assert_eq!(names, ["a"]);
 }
+
+/// `timeoutSeconds` ends a watch, and a watch sends the events after its resourceVersion,
+/// read as raw HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_replays_history_and_ends_at_its_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = ApiServer::start(Options::default()).await.unwrap();
+    let first = server.apply(svc("a", "172.30.0.1", json!({})));
+    server.apply(svc("b", "172.30.0.2", json!({})));
+    let addr = server.url().trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/services?watch=true&resourceVersion={first}&timeoutSeconds=1 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let start = std::time::Instant::now();
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut body))
+        .await
+        .expect("the watch ends by itself")
+        .unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        body.contains(r#""type":"ADDED""#) && body.contains(r#""name":"b""#),
+        "{body}"
+    );
+    assert!(
+        !body.contains(r#""name":"a""#),
+        "history starts after the resourceVersion: {body}"
+    );
+}

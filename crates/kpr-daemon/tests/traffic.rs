@@ -780,6 +780,17 @@ fn api_server_source_end_to_end() {
         &[("10.0.0.12", "node-a")],
         WEB_EP_PORTS,
     )));
+    let headless = service("hl", "172.30.0.13", "", WEB_PORTS).replace(
+        "namespace: default}",
+        "namespace: default, labels: {service.kubernetes.io/headless: ''}}",
+    );
+    api.apply(obj(&headless));
+    api.apply(obj(&slice(
+        "hl",
+        "IPv4",
+        &[("10.0.0.12", "node-a")],
+        WEB_EP_PORTS,
+    )));
     c.start_proxy_with(&format!("--kubeconfig {}", kubeconfig.display()));
 
     assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
@@ -787,6 +798,10 @@ fn api_server_source_end_to_end() {
     assert!(
         !matches!(c.lab.tcp(&client, "172.30.0.12", 80), Reply::Ok(_)),
         "a Service of another proxy gets no rules"
+    );
+    assert!(
+        !matches!(c.lab.tcp(&client, "172.30.0.13", 80), Reply::Ok(_)),
+        "a headless-labelled Service gets no rules"
     );
 
     // Scale up: new connections reach both endpoints.
@@ -800,6 +815,17 @@ fn api_server_source_end_to_end() {
     Lab::wait_for("both endpoints answering", Duration::from_secs(10), || {
         seen.insert(who(&c.lab.tcp(&client, "172.30.0.10", 80)));
         seen.len() == 2
+    });
+
+    // Scale down: new connections all reach the endpoint that is left.
+    api.apply(obj(&slice(
+        "web",
+        "IPv4",
+        &[("10.0.0.12", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    Lab::wait_for("only pod2 answering", Duration::from_secs(10), || {
+        (0..10).all(|_| who(&c.lab.tcp(&client, "172.30.0.10", 80)) == "pod2")
     });
 
     // The API server goes away: the rules keep serving. Meanwhile `gone` is deleted and the
@@ -820,7 +846,7 @@ fn api_server_source_end_to_end() {
         Duration::from_secs(20),
         || !matches!(c.lab.tcp(&client, "172.30.0.11", 80), Reply::Ok(_)),
     );
-    assert!(who(&c.lab.tcp(&client, "172.30.0.10", 80)).starts_with("pod"));
+    assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod2");
 
     // Deleting a Service removes its rules (its watch may still be waiting out the reconnect
     // backoff it built up while the API server was away: up to kube-rs's backoff, not 5 s).
@@ -828,4 +854,62 @@ fn api_server_source_end_to_end() {
     Lab::wait_for("web gone", Duration::from_secs(40), || {
         !matches!(c.lab.tcp(&client, "172.30.0.10", 80), Reply::Ok(_))
     });
+}
+
+/// The in-cluster path: no --kubeconfig or --master, the service-account token and CA in
+/// `/var/run/secrets/kubernetes.io/serviceaccount` (a tmpfs in the proxy's own mount
+/// namespace, so nothing of the machine's is touched) and `KUBERNETES_SERVICE_HOST/PORT`, as
+/// a DaemonSet pod sees them; the API server serves HTTPS and requires the token.
+#[test]
+fn in_cluster_service_account() {
+    let Some(mut c) = Cluster::new("incluster") else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", None);
+    c.pod("pod1", "10.0.0.11", None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = rt
+        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
+            netns: Some(c.node.clone()),
+            token: Some("sa-token".into()),
+            tls: true,
+            ..Default::default()
+        }))
+        .unwrap();
+    let obj = |yaml: &str| -> serde_json::Value { serde_saphyr::from_str(yaml).unwrap() };
+    api.apply(obj(NODE_YAML));
+    api.apply(obj(&service("web", "172.30.0.10", "", WEB_PORTS)));
+    api.apply(obj(&slice(
+        "web",
+        "IPv4",
+        &[("10.0.0.11", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    let sa = c.dir.path().join("sa");
+    std::fs::create_dir(&sa).unwrap();
+    std::fs::write(sa.join("token"), "sa-token").unwrap();
+    std::fs::write(sa.join("ca.crt"), api.ca_pem().unwrap()).unwrap();
+    std::fs::write(sa.join("namespace"), "kube-system").unwrap();
+    let secrets = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let cmd = format!(
+        "mount -t tmpfs kpr-test /run && mkdir -p {secrets} && cp {}/* {secrets}/ && KUBERNETES_SERVICE_HOST=127.0.0.1 KUBERNETES_SERVICE_PORT={} exec {} --proxy-mode nftables --hostname-override node-a --cluster-cidr 10.0.0.0/8 --iptables-min-sync-period 0s -v 2 2>>{}",
+        sa.display(),
+        api.port(),
+        env!("CARGO_BIN_EXE_kube-proxy-rs"),
+        c.log.display()
+    );
+    let node = c.node.clone();
+    c.lab.spawn(&node, &["unshare", "-m", "sh", "-c", &cmd]);
+    Lab::wait_for("the first sync", Duration::from_secs(15), || c.syncs() > 0);
+    assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.contains("/api/v1/services")),
+        "listed through the in-cluster config"
+    );
 }
