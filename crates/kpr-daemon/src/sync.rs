@@ -2,8 +2,9 @@
 //!
 //! Inputs from every source arrive on one channel. Nothing is synced until each source has
 //! delivered its first full list (a `Replace` of Services and of EndpointSlices, §2.1 step 11);
-//! after that, bursts are coalesced and syncs are at least `min_sync_period` apart (§11). Until
-//! the data plane lands (issue 3) a sync computes the desired state and reports it.
+//! after that, bursts are coalesced and syncs are at least `min_sync_period` apart (§11). A sync
+//! computes the desired state, applies it through the data plane (when there is one), and
+//! reports what it did, with the network-programming latency of the changes it committed.
 
 use crate::dataplane::Dataplane;
 use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
