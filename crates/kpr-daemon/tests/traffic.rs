@@ -755,42 +755,29 @@ fn api_server_source_end_to_end() {
     .unwrap();
     let obj = |yaml: &str| -> serde_json::Value { serde_saphyr::from_str(yaml).unwrap() };
     api.apply(obj(NODE_YAML));
-    api.apply(obj(&service("web", "172.30.0.10", "", WEB_PORTS)));
-    api.apply(obj(&slice(
-        "web",
-        "IPv4",
-        &[("10.0.0.11", "node-a")],
-        WEB_EP_PORTS,
-    )));
-    api.apply(obj(&service("gone", "172.30.0.11", "", WEB_PORTS)));
-    api.apply(obj(&slice(
-        "gone",
-        "IPv4",
-        &[("10.0.0.12", "node-a")],
-        WEB_EP_PORTS,
-    )));
-    let theirs = service("theirs", "172.30.0.12", "", WEB_PORTS).replace(
-        "namespace: default}",
-        "namespace: default, labels: {service.kubernetes.io/service-proxy-name: other}}",
-    );
-    api.apply(obj(&theirs));
-    api.apply(obj(&slice(
+    // A Service (with these labels) and its slice of one endpoint.
+    let add = |name: &str, ip: &str, labels: &str, ep: &str| {
+        let svc = service(name, ip, "", WEB_PORTS).replace(
+            "namespace: default}",
+            &format!("namespace: default, labels: {{{labels}}}}}"),
+        );
+        api.apply(obj(&svc));
+        api.apply(obj(&slice(name, "IPv4", &[(ep, "node-a")], WEB_EP_PORTS)));
+    };
+    add("web", "172.30.0.10", "", "10.0.0.11");
+    add("gone", "172.30.0.11", "", "10.0.0.12");
+    add(
         "theirs",
-        "IPv4",
-        &[("10.0.0.12", "node-a")],
-        WEB_EP_PORTS,
-    )));
-    let headless = service("hl", "172.30.0.13", "", WEB_PORTS).replace(
-        "namespace: default}",
-        "namespace: default, labels: {service.kubernetes.io/headless: ''}}",
+        "172.30.0.12",
+        "service.kubernetes.io/service-proxy-name: other",
+        "10.0.0.12",
     );
-    api.apply(obj(&headless));
-    api.apply(obj(&slice(
+    add(
         "hl",
-        "IPv4",
-        &[("10.0.0.12", "node-a")],
-        WEB_EP_PORTS,
-    )));
+        "172.30.0.13",
+        "service.kubernetes.io/headless: ''",
+        "10.0.0.12",
+    );
     c.start_proxy_with(&format!("--kubeconfig {}", kubeconfig.display()));
 
     assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");

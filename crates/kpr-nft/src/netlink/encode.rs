@@ -955,14 +955,9 @@ pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
                     b.attr(12, &Udata::default().str(0, &clean_comment(cm)).bytes);
                 }
             }),
-            Op::FlushChain(c) => e.msg(i, DELRULE, 0, |b| {
-                b.str(1, &table);
-                b.str(2, c);
-            }),
-            Op::DeleteChain(c) => e.msg(i, DELCHAIN, 0, |b| {
-                b.str(1, &table);
-                b.str(3, c);
-            }),
+            // Flushing a chain deletes its rules; flushing a set deletes its elements.
+            Op::FlushChain(c) => e.named(i, DELRULE, 2, c),
+            Op::DeleteChain(c) => e.named(i, DELCHAIN, 3, c),
             Op::AddRule(r) => e.rule(i, r),
             Op::AddSet(s) => {
                 if s.interval {
@@ -973,14 +968,8 @@ pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
             Op::AddMap(m) => {
                 e.add_map(i, m);
             }
-            Op::FlushSet(s) => e.msg(i, DELSETELEM, 0, |b| {
-                b.str(1, &table);
-                b.str(2, s);
-            }),
-            Op::DeleteSet(s) => e.msg(i, DELSET, 0, |b| {
-                b.str(1, &table);
-                b.str(2, s);
-            }),
+            Op::FlushSet(s) => e.named(i, DELSETELEM, 2, s),
+            Op::DeleteSet(s) => e.named(i, DELSET, 2, s),
             Op::AddElement(first) | Op::DeleteElement(first) => {
                 // A run of element operations on one set shares messages.
                 let add = matches!(op, Op::AddElement(_));
@@ -1040,6 +1029,15 @@ pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
 }
 
 impl Encoder<'_> {
+    /// A message naming the table and one object (its name in attribute `attr`).
+    fn named(&mut self, op: usize, kind: u16, attr: u16, name: &str) {
+        let table = self.table().to_owned();
+        self.msg(op, kind, 0, |b| {
+            b.str(1, &table);
+            b.str(attr, name);
+        });
+    }
+
     fn add_map(&mut self, op: usize, m: &Map) {
         self.add_set(op, &m.name, m.key, true, None, m.comment.as_ref());
     }
