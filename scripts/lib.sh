@@ -22,7 +22,7 @@ ensure_packages() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# ensure_cargo: a Rust toolchain new enough for edition 2024 (1.85+).
+# ensure_cargo: a Rust toolchain new enough for the workspace (rust-version 1.89: kube 5).
 ensure_cargo() {
   if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
