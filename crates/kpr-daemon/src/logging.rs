@@ -53,7 +53,7 @@ where
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        let (mo, d, h, mi, s) = civil(now.as_secs());
+        let (_, mo, d, h, mi, s) = kpr_ops::time::civil(now.as_secs());
         let file = meta
             .file()
             .and_then(|f| f.rsplit('/').next())
@@ -67,33 +67,5 @@ where
         )?;
         ctx.format_fields(w.by_ref(), event)?;
         writeln!(w)
-    }
-}
-
-/// UTC month, day, hour, minute, second of a Unix time (Howard Hinnant's civil-from-days).
-fn civil(secs: u64) -> (u64, u64, u64, u64, u64) {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
-    (m, d, rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::civil;
-
-    #[test]
-    fn civil_time_matches_known_dates() {
-        // 2026-11-24T11:48:32Z
-        assert_eq!(civil(1_795_520_912), (11, 24, 11, 48, 32));
-        // 2024-02-29T00:00:00Z (leap day)
-        assert_eq!(civil(1_709_164_800), (2, 29, 0, 0, 0));
     }
 }
