@@ -81,7 +81,12 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
             })
         }
     };
-    let mut state = SyncState::new(cfg);
+    let health = kpr_ops::server::Health::new(kpr_ops::health::HealthModel::new(
+        &["IPv4", "IPv6"],
+        std::time::SystemTime::now(),
+        cfg.sync_period * 2,
+    ));
+    let mut state = SyncState::new(cfg).with_health(health.clone());
     match proxy.mode {
         ProxyMode::Nftables => {
             let mut plane = Dataplane::new(
@@ -107,7 +112,12 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(state, source))
+    rt.block_on(async {
+        if let Some(addr) = proxy.healthz_bind_address {
+            tokio::spawn(serve_health(addr, health));
+        }
+        serve(state, source).await
+    })
 }
 
 /// `--dry-run`: read the directory once, compute, print the report, exit.
@@ -146,6 +156,30 @@ fn dry_run(cfg: SyncConfig, dir: &Path, proxy: &ProxyConfig) -> anyhow::Result<(
 }
 
 /// The long-running mode: follow the directory, sync on changes, stop on SIGTERM/SIGINT.
+/// Serves `/healthz` and `/livez` on `addr` (§7.1); a port that cannot be bound is retried
+/// every 5 s, as upstream does without bindAddressHardFail.
+async fn serve_health(addr: std::net::SocketAddr, health: std::sync::Arc<kpr_ops::server::Health>) {
+    let mut logged = false;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(address = %addr, "Serving /healthz and /livez");
+                if let Err(e) =
+                    kpr_ops::server::serve(listener, health.clone(), std::future::pending()).await
+                {
+                    tracing::warn!(address = %addr, "Health server stopped: {e}");
+                }
+            }
+            Err(e) if !logged => {
+                tracing::warn!(address = %addr, "Cannot serve /healthz yet, retrying every 5 s: {e}");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+}
+
 /// Where Services, EndpointSlices and the Node come from.
 #[derive(Debug)]
 enum Source {

@@ -62,6 +62,8 @@ pub struct SyncState {
     node_baseline: Option<NodeBaseline>,
     /// Why the process must exit, once it must.
     exit: Option<String>,
+    /// What `/healthz` and `/livez` report (§7.1).
+    health: Option<std::sync::Arc<kpr_ops::server::Health>>,
 }
 
 /// The node facts the process cannot change without a restart (§2.3).
@@ -85,12 +87,20 @@ impl SyncState {
             force: false,
             node_baseline: None,
             exit: None,
+            health: None,
         }
     }
 
     /// Programs the kernel through this data plane on every sync.
     pub fn with_dataplane(mut self, dataplane: Dataplane) -> SyncState {
         self.dataplane = Some(dataplane);
+        self
+    }
+
+    /// Reports to this health state: queued changes, successful syncs, node eligibility.
+    pub fn with_health(mut self, health: std::sync::Arc<kpr_ops::server::Health>) -> SyncState {
+        health.set_node_eligible(!self.cfg.wait_for_node);
+        self.health = Some(health);
         self
     }
 
@@ -125,12 +135,26 @@ impl SyncState {
             }
             _ => {}
         }
-        let node_input = matches!(input, Input::Node(Some(_)));
+        let node_input = matches!(input, Input::Node(_));
         for skipped in self.trackers.record(input) {
             tracing::warn!("{skipped}");
         }
         if node_input {
             self.check_node();
+        }
+        if let Some(h) = &self.health {
+            if self.trackers.has_pending() {
+                h.update(|m| m.queued(std::time::SystemTime::now()));
+            }
+            if node_input {
+                // Eligible while the Node exists and is not being deleted or drained (§7.1);
+                // a manifest directory without a Node does not make the node ineligible.
+                let eligible = match self.trackers.state().node() {
+                    Some(facts) => !facts.being_deleted,
+                    None => !self.cfg.wait_for_node,
+                };
+                h.set_node_eligible(eligible);
+            }
         }
     }
 
@@ -225,6 +249,14 @@ impl SyncState {
             self.force_full();
         }
         self.context = Some((ctx, policy));
+        if let (Some(h), None | Some(Ok(_))) = (&self.health, &applied) {
+            let now = std::time::SystemTime::now();
+            h.update(|m| {
+                for family in self.desired.families.keys() {
+                    m.synced(family.label(), now);
+                }
+            });
+        }
         let network_programming = match &applied {
             Some(Ok(_)) => crate::latency::network_programming(
                 &plan.trigger_times,

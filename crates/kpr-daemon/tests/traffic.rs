@@ -900,3 +900,72 @@ fn in_cluster_service_account() {
         "listed through the in-cluster config"
     );
 }
+
+impl Cluster {
+    /// An HTTP GET from inside the node namespace; the whole response.
+    fn http_get(&self, port: u16, path: &str) -> String {
+        self.lab.sh(
+            &self.node,
+            // The request side stays open until the reply is in: an HTTP server may drop a
+            // connection whose client half-closes before it has answered.
+            &format!("(printf 'GET {path} HTTP/1.1\\r\\nHost: node\\r\\nConnection: close\\r\\n\\r\\n'; sleep 0.5) | socat -t2 - TCP:127.0.0.1:{port} || true"),
+        )
+    }
+}
+
+/// §7.1 with the real binary: `/healthz` and `/livez` on 10256 answer with upstream's status,
+/// headers and body; other paths 404 (T7.1.4); a Node tainted for deletion by the cluster
+/// autoscaler makes `/healthz` 503 with `"nodeEligible":false` while `/livez` stays 200
+/// (T7.1.3).
+#[test]
+fn t7_1_health_endpoints() {
+    let Some(mut c) = Cluster::new("health") else {
+        return;
+    };
+    c.pod("pod1", "10.0.0.11", None);
+    c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    c.start_proxy();
+    Lab::wait_for("the health server", Duration::from_secs(5), || {
+        c.http_get(10256, "/livez").starts_with("HTTP/1.1 200")
+    });
+    let healthz = c.http_get(10256, "/healthz");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let lower = healthz.to_lowercase();
+    assert!(
+        lower.contains("content-type: application/json"),
+        "{healthz}"
+    );
+    assert!(
+        lower.contains("x-content-type-options: nosniff"),
+        "{healthz}"
+    );
+    let body = healthz.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert!(body.starts_with(r#"{"lastUpdated":""#), "{body}");
+    assert!(
+        body.contains(r#","nodeEligible":true,"healthy":true,"status":{"IPv4":{"lastUpdated":"#),
+        "{body}"
+    );
+    assert!(
+        c.http_get(10256, "/foo").starts_with("HTTP/1.1 404"),
+        "T7.1.4"
+    );
+
+    let tainted = NODE_YAML.replace(
+        "spec: {podCIDRs: [10.0.0.0/24]}",
+        "spec: {podCIDRs: [10.0.0.0/24], taints: [{key: ToBeDeletedByClusterAutoscaler, effect: NoSchedule}]}",
+    );
+    assert_ne!(tainted, NODE_YAML);
+    c.manifest("node.yaml", &tainted);
+    Lab::wait_for(
+        "/healthz 503 on a node being removed",
+        Duration::from_secs(10),
+        || {
+            let r = c.http_get(10256, "/healthz");
+            r.starts_with("HTTP/1.1 503") && r.contains(r#""nodeEligible":false"#)
+        },
+    );
+    assert!(
+        c.http_get(10256, "/livez").starts_with("HTTP/1.1 200"),
+        "T7.1.3: /livez stays 200"
+    );
+}
