@@ -3,5 +3,6 @@
 //! is pure (every call takes the time); the server only reads it.
 
 pub mod health;
+pub mod metrics;
 pub mod server;
 pub mod time;

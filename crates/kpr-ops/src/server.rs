@@ -13,9 +13,10 @@ use std::time::SystemTime;
 pub struct Health {
     model: Mutex<HealthModel>,
     node_eligible: AtomicBool,
-    /// Responses served: `[healthz 200, healthz 503, livez 200, livez 503]` (for the
-    /// `kubeproxy_proxy_{healthz,livez}_total{code}` counters).
+    /// Responses served: `[healthz 200, healthz 503, livez 200, livez 503]`.
     served: [AtomicU64; 4],
+    /// `kubeproxy_proxy_healthz_total` and `kubeproxy_proxy_livez_total`, when exported.
+    counters: Option<(prometheus::IntCounterVec, prometheus::IntCounterVec)>,
 }
 
 impl Health {
@@ -24,6 +25,17 @@ impl Health {
             model: Mutex::new(model),
             node_eligible: AtomicBool::new(false),
             served: Default::default(),
+            counters: None,
+        })
+    }
+
+    /// The same, counting responses into the metrics' healthz and livez counters.
+    pub fn with_metrics(model: HealthModel, metrics: &crate::metrics::Metrics) -> Arc<Health> {
+        Arc::new(Health {
+            model: Mutex::new(model),
+            node_eligible: AtomicBool::new(false),
+            served: Default::default(),
+            counters: Some((metrics.healthz_total.clone(), metrics.livez_total.clone())),
         })
     }
 
@@ -66,6 +78,10 @@ impl Health {
             .response(probe, SystemTime::now());
         let slot = usize::from(!healthz) * 2 + usize::from(code != 200);
         self.served[slot].fetch_add(1, Ordering::Relaxed);
+        if let Some((healthz_total, livez_total)) = &self.counters {
+            let c = if healthz { healthz_total } else { livez_total };
+            c.with_label_values(&[&code.to_string()]).inc();
+        }
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         (
             status,
@@ -94,6 +110,43 @@ pub async fn serve(
         .route(
             "/livez",
             axum::routing::any(move || async move { h2.respond(false) }),
+        )
+        .fallback(|| async { StatusCode::NOT_FOUND });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves the metrics server's paths (§8) on `listener` until `shutdown` resolves:
+/// `/metrics`, `/healthz` (always `ok`) and `/proxyMode`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<crate::metrics::Metrics>,
+    proxy_mode: &'static str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.text(),
+                )
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/proxyMode",
+            axum::routing::get(move || async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    proxy_mode,
+                )
+            }),
         )
         .fallback(|| async { StatusCode::NOT_FOUND });
     axum::serve(listener, app)
