@@ -81,12 +81,18 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
             })
         }
     };
-    let health = kpr_ops::server::Health::new(kpr_ops::health::HealthModel::new(
-        &["IPv4", "IPv6"],
-        std::time::SystemTime::now(),
-        cfg.sync_period * 2,
-    ));
-    let mut state = SyncState::new(cfg).with_health(health.clone());
+    let metrics = std::sync::Arc::new(kpr_ops::metrics::Metrics::new()?);
+    let health = kpr_ops::server::Health::with_metrics(
+        kpr_ops::health::HealthModel::new(
+            &["IPv4", "IPv6"],
+            std::time::SystemTime::now(),
+            cfg.sync_period * 2,
+        ),
+        &metrics,
+    );
+    let mut state = SyncState::new(cfg)
+        .with_health(health.clone())
+        .with_metrics(metrics.clone());
     match proxy.mode {
         ProxyMode::Nftables => {
             let mut plane = Dataplane::new(
@@ -115,6 +121,9 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     rt.block_on(async {
         if let Some(addr) = proxy.healthz_bind_address {
             tokio::spawn(serve_health(addr, health));
+        }
+        if let Some(addr) = proxy.metrics_bind_address {
+            tokio::spawn(serve_metrics(addr, metrics, proxy.mode.as_str()));
         }
         serve(state, source).await
     })
@@ -172,6 +181,37 @@ async fn serve_health(addr: std::net::SocketAddr, health: std::sync::Arc<kpr_ops
             }
             Err(e) if !logged => {
                 tracing::warn!(address = %addr, "Cannot serve /healthz yet, retrying every 5 s: {e}");
+                logged = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+}
+
+/// Serves the metrics server's paths on `addr` (§8), retrying a busy port every 5 s.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: std::sync::Arc<kpr_ops::metrics::Metrics>,
+    mode: &'static str,
+) {
+    let mut logged = false;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(address = %addr, "Serving /metrics");
+                let serving = kpr_ops::server::serve_metrics(
+                    listener,
+                    metrics.clone(),
+                    mode,
+                    std::future::pending(),
+                );
+                if let Err(e) = serving.await {
+                    tracing::warn!(address = %addr, "Metrics server stopped: {e}");
+                }
+            }
+            Err(e) if !logged => {
+                tracing::warn!(address = %addr, "Cannot serve /metrics yet, retrying every 5 s: {e}");
                 logged = true;
             }
             Err(_) => {}

@@ -64,6 +64,8 @@ pub struct SyncState {
     exit: Option<String>,
     /// What `/healthz` and `/livez` report (§7.1).
     health: Option<std::sync::Arc<kpr_ops::server::Health>>,
+    /// The exported metrics (§8).
+    metrics: Option<std::sync::Arc<kpr_ops::metrics::Metrics>>,
 }
 
 /// The node facts the process cannot change without a restart (§2.3).
@@ -88,6 +90,7 @@ impl SyncState {
             node_baseline: None,
             exit: None,
             health: None,
+            metrics: None,
         }
     }
 
@@ -104,6 +107,17 @@ impl SyncState {
         self
     }
 
+    /// Keeps these metrics (§8).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<kpr_ops::metrics::Metrics>) -> SyncState {
+        let now = unix_now();
+        for family in ["IPv4", "IPv6"] {
+            // Upstream sets the queued time at loop start.
+            metrics.last_queued.with_label_values(&[family]).set(now);
+        }
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Makes the next sync a full one, even without changes (periodic resync, repair).
     pub fn force_full(&mut self) {
         self.trackers.request_full();
@@ -117,6 +131,19 @@ impl SyncState {
 
     /// Folds one input in, logging what was skipped (one line per object).
     pub fn record(&mut self, input: Input) {
+        if let Some(m) = &self.metrics {
+            let (services, slices) = match &input {
+                Input::Services(Update::Replace(v)) => (v.len(), 0),
+                Input::Services(_) => (1, 0),
+                Input::Slices(Update::Replace(v)) => (0, v.len()),
+                Input::Slices(_) => (0, 1),
+                Input::Node(_) => (0, 0),
+            };
+            m.service_changes_total.inc_by(services as u64);
+            m.service_changes_pending.add(services as i64);
+            m.endpoint_changes_total.inc_by(slices as u64);
+            m.endpoint_changes_pending.add(slices as i64);
+        }
         match &input {
             Input::Services(Update::Replace(_)) => self.services_listed = true,
             Input::Slices(Update::Replace(_)) => self.slices_listed = true,
@@ -141,6 +168,11 @@ impl SyncState {
         }
         if node_input {
             self.check_node();
+        }
+        if let (Some(m), true) = (&self.metrics, self.trackers.has_pending()) {
+            for family in ["IPv4", "IPv6"] {
+                m.last_queued.with_label_values(&[family]).set(unix_now());
+            }
         }
         if let Some(h) = &self.health {
             if self.trackers.has_pending() {
@@ -184,6 +216,72 @@ impl SyncState {
                 ));
             }
             _ => {}
+        }
+    }
+
+    /// Sync outcome into the metrics: durations, last sync, failures, pending changes, and
+    /// the Local-policy ports without a local endpoint.
+    fn observe(
+        &self,
+        m: &kpr_ops::metrics::Metrics,
+        plan: &SyncPlan,
+        applied: &Option<Result<crate::dataplane::ApplyReport, String>>,
+    ) {
+        match applied {
+            Some(Ok(a)) => {
+                for (family, _, full) in &a.families {
+                    m.observe_sync(family.label(), *full, a.elapsed);
+                    m.last_sync
+                        .with_label_values(&[family.label()])
+                        .set(unix_now());
+                }
+            }
+            Some(Err(_)) => {
+                for family in self.desired.families.keys() {
+                    m.nftables_sync_failures
+                        .with_label_values(&[family.label()])
+                        .inc();
+                }
+                return;
+            }
+            None => {
+                for family in self.desired.families.keys() {
+                    m.last_sync
+                        .with_label_values(&[family.label()])
+                        .set(unix_now());
+                }
+            }
+        }
+        m.service_changes_pending.set(0);
+        m.endpoint_changes_pending.set(0);
+        if let Some(family) = self.desired.families.keys().next() {
+            let now = std::time::SystemTime::now();
+            for d in crate::latency::network_programming(&plan.trigger_times, now) {
+                m.network_programming
+                    .with_label_values(&[family.label()])
+                    .observe(d.as_secs_f64());
+            }
+        }
+        for (family, fam) in &self.desired.families {
+            // Counted per Service (its ports share the policy), as upstream counts names.
+            let count = |policy: fn(&kpr_model::desired::ServicePortDesired) -> bool| {
+                fam.ports
+                    .values()
+                    .filter(|sp| {
+                        policy(sp) && sp.local_endpoints.is_empty() && sp.has_any_endpoints
+                    })
+                    .map(|sp| &sp.name.service)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            };
+            let internal = count(|sp| sp.internal_policy_local);
+            let external = count(|sp| sp.external_policy_local && sp.external.is_some());
+            m.no_local_endpoints
+                .with_label_values(&[family.label(), "internal"])
+                .set(internal as f64);
+            m.no_local_endpoints
+                .with_label_values(&[family.label(), "external"])
+                .set(external as f64);
         }
     }
 
@@ -256,6 +354,9 @@ impl SyncState {
                     m.synced(family.label(), now);
                 }
             });
+        }
+        if let Some(m) = &self.metrics {
+            self.observe(m, &plan, &applied);
         }
         let network_programming = match &applied {
             Some(Ok(_)) => crate::latency::network_programming(
@@ -342,6 +443,14 @@ pub async fn run(
         }
     }
     state
+}
+
+/// Seconds since the Unix epoch, for timestamp gauges.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 /// How often, at most, the data plane's tables are checked for outside deletion or flushing

@@ -187,8 +187,10 @@ fn running_follows_the_directory_and_stops_on_sigterm() {
             "node-a",
             "--iptables-min-sync-period",
             "0s",
-            // This test runs in the machine's own namespace: no health server there.
+            // This test runs in the machine's own namespace: no health or metrics server there.
             "--healthz-port",
+            "0",
+            "--metrics-port",
             "0",
         ])
         .stderr(std::process::Stdio::piped())

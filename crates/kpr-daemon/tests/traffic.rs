@@ -924,6 +924,20 @@ fn t7_1_health_endpoints() {
     };
     c.pod("pod1", "10.0.0.11", None);
     c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    // T8.3: ITP=Local with endpoints only elsewhere.
+    c.manifest(
+        "itp.yaml",
+        &service(
+            "itp",
+            "172.30.0.30",
+            "  internalTrafficPolicy: Local\n",
+            WEB_PORTS,
+        ),
+    );
+    c.manifest(
+        "itp-eps.yaml",
+        &slice("itp", "IPv4", &[("10.0.1.13", "node-b")], WEB_EP_PORTS),
+    );
     c.start_proxy();
     Lab::wait_for("the health server", Duration::from_secs(5), || {
         c.http_get(10256, "/livez").starts_with("HTTP/1.1 200")
@@ -967,5 +981,41 @@ fn t7_1_health_endpoints() {
     assert!(
         c.http_get(10256, "/livez").starts_with("HTTP/1.1 200"),
         "T7.1.3: /livez stays 200"
+    );
+
+    // §8 on 127.0.0.1:10249.
+    let mode = c.http_get(10249, "/proxyMode");
+    assert!(
+        mode.starts_with("HTTP/1.1 200") && mode.ends_with("nftables"),
+        "T8.1: {mode}"
+    );
+    assert!(c.http_get(10249, "/healthz").ends_with("ok"));
+    let metrics = c.http_get(10249, "/metrics");
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert!(
+        value(r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#) > 0.0,
+        "T8.2"
+    );
+    assert_eq!(
+        value(
+            r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{ip_family="IPv4",traffic_policy="internal"}"#
+        ),
+        1.0,
+        "T8.3"
+    );
+    assert!(
+        value(r#"kubeproxy_proxy_healthz_total{code="503"}"#) >= 1.0,
+        "T7.1.5"
+    );
+    assert!(value(r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}"#) >= 1.0);
+    assert!(
+        !metrics.contains("kubeproxy_sync_proxy_rules_iptables"),
+        "T8.4"
     );
 }
