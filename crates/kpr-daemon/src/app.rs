@@ -92,7 +92,11 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     );
     let mut state = SyncState::new(cfg)
         .with_health(health.clone())
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_service_health(
+            kpr_ops::service_health::ServiceHealth::new(health.clone()),
+            proxy.node_port_addresses.clone(),
+        );
     match proxy.mode {
         ProxyMode::Nftables => {
             let mut plane = Dataplane::new(

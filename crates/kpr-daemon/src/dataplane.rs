@@ -157,7 +157,7 @@ impl Dataplane {
 }
 
 /// The addresses that accept NodePorts in one family (§4.4).
-fn node_port_addrs(
+pub(crate) fn node_port_addrs(
     setting: &NodePortAddresses,
     family: IpFamily,
     ctx: &NodeContext,

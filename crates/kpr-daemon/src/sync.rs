@@ -66,6 +66,11 @@ pub struct SyncState {
     health: Option<std::sync::Arc<kpr_ops::server::Health>>,
     /// The exported metrics (§8).
     metrics: Option<std::sync::Arc<kpr_ops::metrics::Metrics>>,
+    /// healthCheckNodePort servers (§7.2), bound to the NodePort addresses.
+    service_health: Option<(
+        kpr_ops::service_health::ServiceHealth,
+        kpr_config::NodePortAddresses,
+    )>,
 }
 
 /// The node facts the process cannot change without a restart (§2.3).
@@ -91,6 +96,7 @@ impl SyncState {
             exit: None,
             health: None,
             metrics: None,
+            service_health: None,
         }
     }
 
@@ -105,6 +111,24 @@ impl SyncState {
         health.set_node_eligible(!self.cfg.wait_for_node);
         self.health = Some(health);
         self
+    }
+
+    /// Runs healthCheckNodePort servers (§7.2) on these NodePort addresses.
+    pub fn with_service_health(
+        mut self,
+        servers: kpr_ops::service_health::ServiceHealth,
+        node_ports: kpr_config::NodePortAddresses,
+    ) -> SyncState {
+        self.service_health = Some((servers, node_ports));
+        self
+    }
+
+    /// The healthCheckNodePorts served now.
+    pub fn health_check_ports(&self) -> Vec<u16> {
+        self.service_health
+            .as_ref()
+            .map(|(s, _)| s.ports())
+            .unwrap_or_default()
     }
 
     /// Keeps these metrics (§8).
@@ -285,6 +309,62 @@ impl SyncState {
         }
     }
 
+    /// Opens and closes the healthCheckNodePort servers after a successful sync: one per
+    /// LoadBalancer Service with ETP=Local, counting the distinct ready local endpoint
+    /// addresses of all its ports, in the primary family (§7.2).
+    fn sync_service_health(&mut self, ctx: &NodeContext) {
+        let Some((servers, node_ports)) = &mut self.service_health else {
+            return;
+        };
+        let primary = ctx.node_ips.keys().next().copied().unwrap_or(IpFamily::V4);
+        let mut wanted: std::collections::BTreeMap<
+            u16,
+            (
+                kpr_ops::service_health::Wanted,
+                std::collections::BTreeSet<IpAddr>,
+            ),
+        > = std::collections::BTreeMap::new();
+        if let Some(fam) = self.desired.families.get(&primary) {
+            for sp in fam.ports.values() {
+                let Some(port) = sp
+                    .health_check_node_port
+                    .filter(|_| sp.external_policy_local)
+                else {
+                    continue;
+                };
+                let entry = wanted.entry(port).or_insert_with(|| {
+                    let w = kpr_ops::service_health::Wanted {
+                        namespace: sp.name.service.namespace.clone(),
+                        name: sp.name.service.name.clone(),
+                        local_endpoints: 0,
+                    };
+                    (w, std::collections::BTreeSet::new())
+                });
+                entry.1.extend(
+                    sp.endpoints
+                        .iter()
+                        .filter(|e| e.local && e.ready)
+                        .map(|e| e.addr.ip()),
+                );
+            }
+        }
+        let wanted = wanted
+            .into_iter()
+            .map(|(p, (mut w, ips))| {
+                w.local_endpoints = ips.len();
+                (p, w)
+            })
+            .collect();
+        let addrs = match crate::dataplane::node_port_addrs(node_ports, primary, ctx) {
+            kpr_dataplane::nftables::NodePortAddrs::All => vec![match primary {
+                IpFamily::V4 => IpAddr::from([0, 0, 0, 0]),
+                IpFamily::V6 => IpAddr::from([0u16; 8]),
+            }],
+            kpr_dataplane::nftables::NodePortAddrs::List(ips) => ips,
+        };
+        servers.sync(&wanted, &addrs);
+    }
+
     /// This node's name.
     pub fn node_name(&self) -> &str {
         &self.cfg.node_name
@@ -357,6 +437,11 @@ impl SyncState {
         }
         if let Some(m) = &self.metrics {
             self.observe(m, &plan, &applied);
+        }
+        if matches!(applied, None | Some(Ok(_)))
+            && let Some((ctx, _)) = self.context.clone()
+        {
+            self.sync_service_health(&ctx);
         }
         let network_programming = match &applied {
             Some(Ok(_)) => crate::latency::network_programming(

@@ -1019,3 +1019,82 @@ fn t7_1_health_endpoints() {
         "T8.4"
     );
 }
+
+impl Cluster {
+    /// An HTTP GET to `ip:port` from inside the node namespace; the whole response.
+    fn http_get_at(&self, ip: &str, port: u16, path: &str) -> String {
+        self.lab.sh(
+            &self.node,
+            &format!("(printf 'GET {path} HTTP/1.1\\r\\nHost: node\\r\\nConnection: close\\r\\n\\r\\n'; sleep 0.5) | socat -t2 - TCP:{ip}:{port} 2>&1 || true"),
+        )
+    }
+}
+
+/// §7.2 with the real binary: a LoadBalancer Service with ETP=Local gets a server on its
+/// healthCheckNodePort (on the node's IP): 200 with the local ready endpoint count and
+/// upstream's headers and body (T7.2.1); 503 with only terminating local endpoints (T7.2.2);
+/// the port closes when the Service goes (T7.2.4).
+#[test]
+fn t7_2_health_check_node_port() {
+    let Some(mut c) = Cluster::new("hcnp") else {
+        return;
+    };
+    c.pod("pod1", "10.0.0.11", None);
+    c.pod("pod2", "10.0.0.12", None);
+    let lb = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 30999\n";
+    let ports = "[{name: http, port: 80, protocol: TCP, nodePort: 30080}]";
+    let ep_ports = "[{name: http, port: 8080, protocol: TCP}]";
+    c.manifest("lb.yaml", &service("lb", "172.30.0.40", lb, ports));
+    c.manifest(
+        "lb-eps.yaml",
+        &slice(
+            "lb",
+            "IPv4",
+            &[("10.0.0.11", "node-a"), ("10.0.0.12", "node-a")],
+            ep_ports,
+        ),
+    );
+    c.start_proxy();
+    let mut r = String::new();
+    Lab::wait_for(
+        "the healthCheckNodePort server",
+        Duration::from_secs(5),
+        || {
+            r = c.http_get_at("192.168.0.2", 30999, "/");
+            r.starts_with("HTTP/1.1 200")
+        },
+    );
+    let lower = r.to_lowercase();
+    assert!(lower.contains("x-load-balancing-endpoint-weight: 2"), "{r}");
+    assert!(
+        lower.contains("content-type: application/json")
+            && lower.contains("x-content-type-options: nosniff"),
+        "{r}"
+    );
+    let body = r.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(
+        body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"lb\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}",
+        "T7.2.1"
+    );
+
+    let terminating = slice("lb", "IPv4", &[("10.0.0.11", "node-a")], ep_ports).replace(
+        "conditions: {ready: true}",
+        "conditions: {ready: false, serving: true, terminating: true}",
+    );
+    c.manifest("lb-eps.yaml", &terminating);
+    Lab::wait_for(
+        "503 with only terminating local endpoints",
+        Duration::from_secs(5),
+        || {
+            let r = c.http_get_at("192.168.0.2", 30999, "/any/path");
+            r.starts_with("HTTP/1.1 503") && r.contains("\"localEndpoints\": 0")
+        },
+    );
+
+    c.remove("lb.yaml");
+    Lab::wait_for("the port closed", Duration::from_secs(5), || {
+        !c.http_get_at("192.168.0.2", 30999, "/")
+            .starts_with("HTTP/1.1")
+    });
+}

@@ -5,4 +5,5 @@
 pub mod health;
 pub mod metrics;
 pub mod server;
+pub mod service_health;
 pub mod time;

@@ -1,0 +1,191 @@
+//! healthCheckNodePort servers (§7.2): for each LoadBalancer Service with
+//! externalTrafficPolicy=Local, an HTTP server on its healthCheckNodePort telling the load
+//! balancer how many ready endpoints of the Service this node has (200 with the count, 503 with
+//! none or when the proxy is unhealthy). Opened and closed after each successful sync; a port
+//! that cannot be bound is tried again at the next sync.
+
+use crate::server::Health;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+/// One Service's entry: namespace, name, local ready endpoint count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+#[derive(Debug)]
+struct Running {
+    namespace: String,
+    name: String,
+    count: Arc<AtomicUsize>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The running servers, by port.
+#[derive(Debug)]
+pub struct ServiceHealth {
+    health: Arc<Health>,
+    running: BTreeMap<u16, Running>,
+    failed_logged: BTreeMap<u16, String>,
+}
+
+/// The body upstream sends: tab-indented, no trailing newline, namespace and name JSON-quoted.
+pub fn body(namespace: &str, name: &str, count: usize, healthy: bool) -> String {
+    format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
+        json_string(namespace),
+        json_string(name)
+    )
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl ServiceHealth {
+    pub fn new(health: Arc<Health>) -> ServiceHealth {
+        ServiceHealth {
+            health,
+            running: BTreeMap::new(),
+            failed_logged: BTreeMap::new(),
+        }
+    }
+
+    /// Ports served now.
+    pub fn ports(&self) -> Vec<u16> {
+        self.running.keys().copied().collect()
+    }
+
+    /// Brings the servers in line with `wanted` (by port), bound to `addrs` (the node's
+    /// NodePort addresses, or the unspecified address). Must run inside a tokio runtime.
+    pub fn sync(&mut self, wanted: &BTreeMap<u16, Wanted>, addrs: &[IpAddr]) {
+        let stale: Vec<u16> = self
+            .running
+            .iter()
+            .filter(|(port, r)| {
+                wanted
+                    .get(port)
+                    .is_none_or(|w| w.namespace != r.namespace || w.name != r.name)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for port in stale {
+            if let Some(r) = self.running.remove(&port) {
+                for stop in r.stops {
+                    let _ = stop.send(());
+                }
+                tracing::debug!(port, service = %format!("{}/{}", r.namespace, r.name), "Closed healthCheckNodePort");
+            }
+        }
+        for (port, w) in wanted {
+            if let Some(r) = self.running.get(port) {
+                r.count.store(w.local_endpoints, Ordering::Relaxed);
+                continue;
+            }
+            match self.start(*port, w, addrs) {
+                Ok(r) => {
+                    self.failed_logged.remove(port);
+                    self.running.insert(*port, r);
+                }
+                Err(e) => {
+                    let svc = format!("{}/{}", w.namespace, w.name);
+                    if self.failed_logged.get(port) != Some(&svc) {
+                        tracing::warn!(port, service = %svc, "FailedToStartServiceHealthcheck: {e}; retrying at the next sync");
+                        self.failed_logged.insert(*port, svc);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(&self, port: u16, w: &Wanted, addrs: &[IpAddr]) -> std::io::Result<Running> {
+        let count = Arc::new(AtomicUsize::new(w.local_endpoints));
+        let mut listeners = Vec::new();
+        for ip in addrs {
+            let l = std::net::TcpListener::bind(SocketAddr::new(*ip, port))?;
+            l.set_nonblocking(true)?;
+            listeners.push(tokio::net::TcpListener::from_std(l)?);
+        }
+        let mut stops = Vec::new();
+        for listener in listeners {
+            let (ns, name) = (w.namespace.clone(), w.name.clone());
+            let (count, health) = (count.clone(), self.health.clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let app = axum::Router::new().fallback(move || {
+                let (ns, name, count, health) =
+                    (ns.clone(), name.clone(), count.clone(), health.clone());
+                async move { respond(&ns, &name, count.load(Ordering::Relaxed), &health) }
+            });
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+            stops.push(stop);
+        }
+        tracing::debug!(port, service = %format!("{}/{}", w.namespace, w.name), "Opened healthCheckNodePort");
+        Ok(Running {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            count,
+            stops,
+        })
+    }
+}
+
+fn respond(ns: &str, name: &str, count: usize, health: &Health) -> Response {
+    let healthy = health.healthy(SystemTime::now());
+    let status = if count > 0 && healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut r = (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body(ns, name, count, healthy),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&count.to_string()) {
+        r.headers_mut()
+            .insert("X-Load-Balancing-Endpoint-Weight", v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_is_upstreams_bytes() {
+        assert_eq!(
+            body("ns", "web", 2, true),
+            "{\n\t\"service\": {\n\t\t\"namespace\": \"ns\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+        );
+        assert!(body("a\"b", "c\\d", 0, false).contains(r#""namespace": "a\"b","#));
+    }
+}
