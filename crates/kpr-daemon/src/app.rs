@@ -59,7 +59,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         return Ok(());
     }
     if proxy.cleanup {
-        anyhow::bail!("--cleanup is not available in this build yet: it lands with the data plane");
+        return cleanup(proxy);
     }
     let cfg = sync_config(proxy)?;
     let source = match proxy.manifests.as_deref() {
@@ -122,6 +122,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let config_file = proxy.config_path.clone();
     rt.block_on(async {
         if let Some(addr) = proxy.healthz_bind_address {
             tokio::spawn(serve_health(addr, health));
@@ -129,8 +130,58 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         if let Some(addr) = proxy.metrics_bind_address {
             tokio::spawn(serve_metrics(addr, metrics, proxy.mode.as_str()));
         }
-        serve(state, source).await
+        match config_file {
+            Some(path) => tokio::select! {
+                r = serve(state, source) => r,
+                e = watch_config_file(path) => Err(e),
+            },
+            None => serve(state, source).await,
+        }
     })
+}
+
+/// `--cleanup` (§2.4): removes our nftables tables, upstream kube-proxy's nftables tables and
+/// its iptables chains and jumps, then exits; non-zero if any step failed.
+fn cleanup(proxy: &ProxyConfig) -> anyhow::Result<()> {
+    let exec = kpr_nft::Netlink::open().map_err(|e| {
+        anyhow::anyhow!("cannot open an nf_tables netlink socket (needs CAP_NET_ADMIN): {e}")
+    })?;
+    let mut plane = Dataplane::new(
+        Box::new(exec),
+        proxy.masquerade_bit,
+        proxy.node_port_addresses.clone(),
+    );
+    let ours = plane.remove_tables(kpr_dataplane::nftables::layout::TABLE);
+    let theirs = plane.remove_tables("kube-proxy");
+    let iptables = match kpr_dataplane::iptables::exec::remove_upstream_leftovers() {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!("Could not remove kube-proxy's iptables rules: {e}");
+            false
+        }
+    };
+    if ours && theirs && iptables {
+        tracing::info!("Removed every rule of kube-proxy-rs and of upstream kube-proxy");
+        Ok(())
+    } else {
+        anyhow::bail!("--cleanup left some rules in place (see the lines above)")
+    }
+}
+
+/// Exits (with upstream's message) when the `--config` file is written or renamed, so the
+/// supervisor restarts the process with the new file (§2.3). Polls once a second.
+async fn watch_config_file(path: std::path::PathBuf) -> anyhow::Error {
+    let read = |p: &Path| std::fs::read(p).ok();
+    let first = read(&path);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if read(&path) != first {
+            return anyhow::anyhow!(
+                "content of the proxy server's configuration file was updated: {}",
+                path.display()
+            );
+        }
+    }
 }
 
 /// `--dry-run`: read the directory once, compute, print the report, exit.

@@ -62,10 +62,17 @@ impl Dataplane {
     /// Removes the tables upstream kube-proxy's nftables mode leaves behind (mode switch, §2.1
     /// step 4). Errors are only logged, as upstream.
     pub fn remove_upstream_tables(&mut self) {
+        self.remove_tables("kube-proxy");
+    }
+
+    /// Removes `table ip|ip6 NAME` (a missing table is not an error); returns whether every
+    /// removal succeeded.
+    pub fn remove_tables(&mut self, name: &str) -> bool {
+        let mut ok = true;
         for family in [Family::Ip, Family::Ip6] {
             let table = Table {
                 family,
-                name: "kube-proxy".into(),
+                name: name.into(),
                 comment: None,
             };
             let mut tx = Transaction::new(table.clone());
@@ -74,10 +81,13 @@ impl Dataplane {
             if let Err(e) = self.exec.apply(&tx) {
                 tracing::warn!(
                     family = family.as_str(),
-                    "Could not remove upstream kube-proxy's nftables table: {e}"
+                    table = name,
+                    "Could not remove an nftables table: {e}"
                 );
+                ok = false;
             }
         }
+        ok
     }
 
     /// Removes the iptables chains and jumps upstream kube-proxy's iptables mode leaves

@@ -1098,3 +1098,85 @@ fn t7_2_health_check_node_port() {
             .starts_with("HTTP/1.1")
     });
 }
+
+/// §2.4 `--cleanup`: after a run, and with rules of upstream kube-proxy's iptables and
+/// nftables modes present, it leaves no rule of ours or theirs (checked with `nft list
+/// ruleset` and `iptables-save`), keeps other tables, and exits 0.
+#[test]
+fn cleanup_removes_every_rule_of_ours_and_upstreams() {
+    let Some(mut c) = Cluster::new("cleanup") else {
+        return;
+    };
+    c.pod("pod1", "10.0.0.11", None);
+    c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    c.manifest(
+        "web-eps.yaml",
+        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS),
+    );
+    let pid = c.start_proxy();
+    c.lab.sh(&c.node, &format!("kill -TERM {pid}"));
+    Lab::wait_for("the proxy stopped", Duration::from_secs(5), || {
+        c.logged("Shutting down")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(c.nft("list ruleset").contains("table ip kube-proxy-rs"));
+    // Upstream's leftovers, and a table that is not ours.
+    c.lab.sh(
+        &c.node,
+        "nft add table ip kube-proxy && nft add chain ip kube-proxy services && nft add table inet other && \
+         iptables -t nat -N KUBE-SERVICES && iptables -t nat -A PREROUTING -j KUBE-SERVICES && \
+         iptables -t filter -N KUBE-FIREWALL",
+    );
+    let out = c.lab.try_sh(
+        &c.node,
+        &format!("{} --cleanup -v 2", env!("CARGO_BIN_EXE_kube-proxy-rs")),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ruleset = c.nft("list ruleset");
+    assert!(!ruleset.contains("kube-proxy"), "{ruleset}");
+    assert!(
+        ruleset.contains("table inet other"),
+        "other tables stay: {ruleset}"
+    );
+    let saved = c.lab.sh(&c.node, "iptables-save");
+    assert!(!saved.contains("KUBE-SERVICES"), "{saved}");
+}
+
+/// §2.3: writing the `--config` file makes the process exit with upstream's message (its
+/// supervisor restarts it with the new file); the rules stay in place.
+#[test]
+fn a_changed_config_file_makes_the_process_exit() {
+    let Some(mut c) = Cluster::new("configz") else {
+        return;
+    };
+    c.pod("pod1", "10.0.0.11", None);
+    c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    let conf = c
+        .dir
+        .path()
+        .parent()
+        .unwrap()
+        .join(format!("kpr-config-{}.yaml", std::process::id()));
+    let body = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nmode: nftables\nclusterCIDR: 10.0.0.0/8\nnodePortAddresses: [primary]\n";
+    std::fs::write(&conf, body).unwrap();
+    let source = format!(
+        "--config {} --manifests {}",
+        conf.display(),
+        c.dir.path().display()
+    );
+    c.start_proxy_with(&source);
+    std::fs::write(&conf, format!("{body}masqueradeAll: true\n")).unwrap();
+    Lab::wait_for("the proxy exiting", Duration::from_secs(10), || {
+        c.logged("content of the proxy server's configuration file was updated")
+    });
+    let _ = std::fs::remove_file(&conf);
+    assert!(
+        c.nft("list ruleset").contains("table ip kube-proxy-rs"),
+        "rules stay in place"
+    );
+}
