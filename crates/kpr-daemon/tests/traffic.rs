@@ -1180,3 +1180,48 @@ fn a_changed_config_file_makes_the_process_exit() {
         "rules stay in place"
     );
 }
+
+/// T7.1.2 with the real binary: while another process owns our table (nft's `owner` flag:
+/// the kernel refuses every transaction of ours), a queued change cannot be applied, and once
+/// it has waited 2 x syncPeriod `/livez` and `/healthz` turn 503; when that process exits its
+/// table goes with it, the next sync succeeds, and both are 200 again.
+#[test]
+fn t7_1_2_health_turns_unhealthy_while_syncs_fail_and_recovers() {
+    let Some(mut c) = Cluster::new("stuck") else {
+        return;
+    };
+    c.pod("pod1", "10.0.0.11", None);
+    c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    let source = format!(
+        "--manifests {} --iptables-sync-period 1s",
+        c.dir.path().display()
+    );
+    c.start_proxy_with(&source);
+    Lab::wait_for("healthy", Duration::from_secs(5), || {
+        c.http_get(10256, "/livez").starts_with("HTTP/1.1 200")
+    });
+    let node = c.node.clone();
+    c.lab.spawn(
+        &node,
+        &[
+            "sh",
+            "-c",
+            "(echo 'delete table ip kube-proxy-rs; add table ip kube-proxy-rs { flags owner ; }'; sleep 8) | nft -i",
+        ],
+    );
+    c.manifest("web2.yaml", &service("web2", "172.30.0.20", "", WEB_PORTS));
+    Lab::wait_for(
+        "/livez 503 while syncs fail",
+        Duration::from_secs(8),
+        || c.http_get(10256, "/livez").starts_with("HTTP/1.1 503"),
+    );
+    assert!(c.http_get(10256, "/healthz").starts_with("HTTP/1.1 503"));
+    Lab::wait_for("/livez 200 again", Duration::from_secs(15), || {
+        c.http_get(10256, "/livez").starts_with("HTTP/1.1 200")
+    });
+    assert!(c.http_get(10256, "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(
+        c.nft("list ruleset").contains("172.30.0.20"),
+        "the change is in"
+    );
+}
