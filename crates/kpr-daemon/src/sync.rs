@@ -309,6 +309,64 @@ impl SyncState {
         }
     }
 
+    /// After a sync that changed a UDP service port, deletes the conntrack flows whose DNAT
+    /// target is no longer one of its endpoints (§6.2), so UDP clients move to a live endpoint.
+    fn reconcile_conntrack(&self, plan: &SyncPlan) {
+        let udp_changed = plan
+            .changed_ports
+            .iter()
+            .any(|p| p.protocol == kpr_model::Protocol::Udp);
+        if !(plan.full || udp_changed) {
+            return;
+        }
+        for (family, fam) in &self.desired.families {
+            let start = std::time::Instant::now();
+            let ports: Vec<kpr_conntrack::UdpServicePort> = fam
+                .ports
+                .values()
+                .filter(|sp| sp.protocol == kpr_model::Protocol::Udp && !sp.endpoints.is_empty())
+                .map(|sp| kpr_conntrack::UdpServicePort {
+                    frontends: std::iter::once(sp.cluster_ip)
+                        .chain(sp.external_ips.iter().copied())
+                        .chain(sp.load_balancer_ips.iter().copied())
+                        .collect(),
+                    port: sp.port,
+                    node_port: sp.node_port,
+                    serving: sp.endpoints.iter().map(|e| e.addr).collect(),
+                })
+                .collect();
+            if ports.is_empty() {
+                continue;
+            }
+            let ct_family = match family {
+                IpFamily::V4 => kpr_conntrack::netlink::Family::V4,
+                IpFamily::V6 => kpr_conntrack::netlink::Family::V6,
+            };
+            let result = kpr_conntrack::netlink::list(ct_family).and_then(|flows| {
+                let stale = kpr_conntrack::stale(&flows, &ports);
+                kpr_conntrack::netlink::delete(ct_family, &stale)
+            });
+            match result {
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        tracing::debug!(family = %family, deleted, "Deleted stale UDP conntrack flows");
+                    }
+                    if let Some(m) = &self.metrics {
+                        m.conntrack_sync_duration
+                            .with_label_values(&[family.label()])
+                            .observe(start.elapsed().as_secs_f64());
+                        m.conntrack_deleted
+                            .with_label_values(&[family.label()])
+                            .inc_by(deleted as f64);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(family = %family, "Could not clean up stale UDP conntrack flows: {e}")
+                }
+            }
+        }
+    }
+
     /// Opens and closes the healthCheckNodePort servers after a successful sync: one per
     /// LoadBalancer Service with ETP=Local, counting the distinct ready local endpoint
     /// addresses of all its ports, in the primary family (§7.2).
@@ -442,6 +500,9 @@ impl SyncState {
             && let Some((ctx, _)) = self.context.clone()
         {
             self.sync_service_health(&ctx);
+        }
+        if matches!(applied, Some(Ok(_))) {
+            self.reconcile_conntrack(&plan);
         }
         let network_programming = match &applied {
             Some(Ok(_)) => crate::latency::network_programming(

@@ -1225,3 +1225,50 @@ fn t7_1_2_health_turns_unhealthy_while_syncs_fail_and_recovers() {
         "the change is in"
     );
 }
+
+/// T6.2.1 / T6.2.4 with real UDP: a client keeps one UDP flow (same source port) to a
+/// ClusterIP; its endpoint is replaced; after the sync the stale conntrack entry is gone, so
+/// the next datagram of the same flow reaches the new endpoint, and the deletion is counted.
+#[test]
+fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes() {
+    let Some(mut c) = Cluster::new("conntrack") else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", None);
+    c.pod("pod1", "10.0.0.11", None);
+    c.pod("pod2", "10.0.0.12", None);
+    c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    c.manifest(
+        "web-eps.yaml",
+        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS),
+    );
+    c.start_proxy();
+    let same_flow = || {
+        let out = c.lab.try_sh(
+            &client,
+            "echo hello | timeout 5 socat -T3 - UDP:172.30.0.10:53,sourceport=40053",
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(same_flow().starts_with("pod1"));
+    c.apply(
+        "web-eps.yaml",
+        &slice("web", "IPv4", &[("10.0.0.12", "node-a")], WEB_EP_PORTS),
+    );
+    let reply = same_flow();
+    assert!(
+        reply.starts_with("pod2"),
+        "the same UDP flow reaches the new endpoint after the sync: {reply:?}"
+    );
+    let metrics = c.http_get(10249, "/metrics");
+    let deleted = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"} "#,
+            )
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_default();
+    assert!(deleted >= 1.0, "T6.2.4: {deleted}");
+}
