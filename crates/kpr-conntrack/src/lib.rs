@@ -2,10 +2,11 @@
 //! Service, flows whose DNAT target is no longer a serving endpoint are deleted, so UDP clients
 //! (DNS resolvers) do not keep sending into a removed pod.
 //!
-//! [`reconcile`] decides (pure); [`netlink`] lists and deletes flows in the kernel (the only
-//! code here that talks to it).
+//! [`reconcile`] decides (pure); [`netlink`] lists and deletes flows in the kernel. [`sysctl`]
+//! sets the conntrack sysctls at startup (§6.1).
 
 pub mod netlink;
 pub mod reconcile;
+pub mod sysctl;
 
 pub use reconcile::{Flow, UdpServicePort, stale};

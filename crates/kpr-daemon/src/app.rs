@@ -111,6 +111,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
             );
             plane.remove_upstream_tables();
             plane.remove_upstream_iptables();
+            set_conntrack_sysctls(proxy);
             state = state.with_dataplane(plane);
         }
         ProxyMode::Iptables => {
@@ -138,6 +139,31 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
             None => serve(state, source).await,
         }
     })
+}
+
+/// The conntrack sysctls of the configuration (§6.1, startup step 7); each failure is a
+/// warning, as upstream.
+fn set_conntrack_sysctls(proxy: &ProxyConfig) {
+    let c = &proxy.conntrack;
+    let settings = kpr_conntrack::sysctl::Settings {
+        max_per_core: c.max_per_core,
+        min: c.min,
+        tcp_established_timeout: c.tcp_established_timeout,
+        tcp_close_wait_timeout: c.tcp_close_wait_timeout,
+        tcp_be_liberal: c.tcp_be_liberal,
+        udp_timeout: c.udp_timeout,
+        udp_stream_timeout: c.udp_stream_timeout,
+    };
+    // Asking ctnetlink loads nf_conntrack if nothing has yet, so its sysctls exist.
+    let _ = kpr_conntrack::netlink::list(kpr_conntrack::netlink::Family::V4);
+    for (w, result) in kpr_conntrack::sysctl::apply(&settings) {
+        match result {
+            Ok(()) => tracing::info!(path = %w.path, value = %w.value, "Set conntrack sysctl"),
+            Err(e) => {
+                tracing::warn!(path = %w.path, value = %w.value, "Conntrack sysctl not set: {e}")
+            }
+        }
+    }
 }
 
 /// `--cleanup` (§2.4): removes our nftables tables, upstream kube-proxy's nftables tables and

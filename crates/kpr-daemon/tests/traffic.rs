@@ -1272,3 +1272,27 @@ fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes() {
         .unwrap_or_default();
     assert!(deleted >= 1.0, "T6.2.4: {deleted}");
 }
+
+/// §6.1 with the real binary and the default configuration: the namespace's conntrack
+/// timeouts are set (established 24h, close-wait 1h), while nf_conntrack_max and the hash
+/// size, global to the machine, are left alone outside the host's network namespace.
+#[test]
+fn t6_1_conntrack_sysctls_of_the_namespace_are_set() {
+    let Some(mut c) = Cluster::new("sysctl") else {
+        return;
+    };
+    c.lab.sh(&c.node, "sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_established=1234 net.netfilter.nf_conntrack_tcp_timeout_close_wait=56 || true");
+    c.start_proxy();
+    let get = |name: &str| {
+        c.lab
+            .sh(&c.node, &format!("sysctl -n net.netfilter.{name}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(get("nf_conntrack_tcp_timeout_established"), "86400");
+    assert_eq!(get("nf_conntrack_tcp_timeout_close_wait"), "3600");
+    assert!(
+        c.logged("not the host's network namespace"),
+        "nf_conntrack_max left alone"
+    );
+}
