@@ -1227,8 +1227,9 @@ fn t7_1_2_health_turns_unhealthy_while_syncs_fail_and_recovers() {
 }
 
 /// T6.2.1 / T6.2.4 with real UDP: a client keeps one UDP flow (same source port) to a
-/// ClusterIP; its endpoint is replaced; after the sync the stale conntrack entry is gone, so
-/// the next datagram of the same flow reaches the new endpoint, and the deletion is counted.
+/// ClusterIP with two endpoints; the endpoint it reaches is removed; after the sync the stale
+/// conntrack entry is gone, so the next datagram of the same flow reaches the remaining
+/// endpoint, and the deletion is counted.
 #[test]
 fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes() {
     let Some(mut c) = Cluster::new("conntrack") else {
@@ -1237,10 +1238,16 @@ fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes() {
     let client = c.pod("client-pod", "10.0.0.5", None);
     c.pod("pod1", "10.0.0.11", None);
     c.pod("pod2", "10.0.0.12", None);
+    let ips = [("pod1", "10.0.0.11"), ("pod2", "10.0.0.12")];
     c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
     c.manifest(
         "web-eps.yaml",
-        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS),
+        &slice(
+            "web",
+            "IPv4",
+            &[(ips[0].1, "node-a"), (ips[1].1, "node-a")],
+            WEB_EP_PORTS,
+        ),
     );
     c.start_proxy();
     let same_flow = || {
@@ -1250,15 +1257,24 @@ fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes() {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    assert!(same_flow().starts_with("pod1"));
+    let first = same_flow();
+    let hit = ips
+        .iter()
+        .position(|(name, _)| first.starts_with(name))
+        .unwrap_or_else(|| panic!("no endpoint answered: {first:?}"));
+    assert!(
+        same_flow().starts_with(ips[hit].0),
+        "one flow, one endpoint"
+    );
+    let remaining = ips[1 - hit];
     c.apply(
         "web-eps.yaml",
-        &slice("web", "IPv4", &[("10.0.0.12", "node-a")], WEB_EP_PORTS),
+        &slice("web", "IPv4", &[(remaining.1, "node-a")], WEB_EP_PORTS),
     );
     let reply = same_flow();
     assert!(
-        reply.starts_with("pod2"),
-        "the same UDP flow reaches the new endpoint after the sync: {reply:?}"
+        reply.starts_with(remaining.0),
+        "the same UDP flow reaches the remaining endpoint after the sync: {reply:?}"
     );
     let metrics = c.http_get(10249, "/metrics");
     let deleted = metrics
