@@ -13,6 +13,9 @@ use tokio::sync::{mpsc, watch};
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("sandbox") {
+        return sandbox();
+    }
     let flags = match Flags::try_parse_args(std::env::args_os()) {
         Ok(f) => f,
         Err(e) => {
@@ -45,6 +48,25 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `kube-proxy-rs sandbox` (see `crate::sandbox`): exit 0 only when traffic reached every pod.
+fn sandbox() -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("sandbox: cannot find this program's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match crate::sandbox::run(&exe) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("sandbox: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -6,4 +6,5 @@ pub mod dataplane;
 pub mod latency;
 pub mod logging;
 pub mod report;
+pub mod sandbox;
 pub mod sync;
