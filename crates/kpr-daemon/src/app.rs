@@ -148,10 +148,15 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
     let config_file = proxy.config_path.clone();
     rt.block_on(async {
         if let Some(addr) = proxy.healthz_bind_address {
-            tokio::spawn(serve_health(addr, health));
+            tokio::spawn(serve_retrying(addr, "/healthz and /livez", move |l| {
+                kpr_ops::server::serve(l, health.clone(), std::future::pending())
+            }));
         }
         if let Some(addr) = proxy.metrics_bind_address {
-            tokio::spawn(serve_metrics(addr, metrics, proxy.mode.as_str()));
+            let mode = proxy.mode.as_str();
+            tokio::spawn(serve_retrying(addr, "/metrics", move |l| {
+                kpr_ops::server::serve_metrics(l, metrics.clone(), mode, std::future::pending())
+            }));
         }
         match config_file {
             Some(path) => tokio::select! {
@@ -267,54 +272,24 @@ fn dry_run(cfg: SyncConfig, dir: &Path, proxy: &ProxyConfig) -> anyhow::Result<(
     Ok(())
 }
 
-/// The long-running mode: follow the directory, sync on changes, stop on SIGTERM/SIGINT.
-/// Serves `/healthz` and `/livez` on `addr` (§7.1); a port that cannot be bound is retried
-/// every 5 s, as upstream does without bindAddressHardFail.
-async fn serve_health(addr: std::net::SocketAddr, health: std::sync::Arc<kpr_ops::server::Health>) {
+/// Serves `what` on `addr` with `serve_on`; a port that cannot be bound is retried every 5 s
+/// (logged once), as upstream does without bindAddressHardFail (§2.3).
+async fn serve_retrying<F, Fut>(addr: std::net::SocketAddr, what: &str, serve_on: F)
+where
+    F: Fn(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>>,
+{
     let mut logged = false;
     loop {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
-                tracing::info!(address = %addr, "Serving /healthz and /livez");
-                if let Err(e) =
-                    kpr_ops::server::serve(listener, health.clone(), std::future::pending()).await
-                {
-                    tracing::warn!(address = %addr, "Health server stopped: {e}");
+                tracing::info!(address = %addr, "Serving {what}");
+                if let Err(e) = serve_on(listener).await {
+                    tracing::warn!(address = %addr, "{what} server stopped: {e}");
                 }
             }
             Err(e) if !logged => {
-                tracing::warn!(address = %addr, "Cannot serve /healthz yet, retrying every 5 s: {e}");
-                logged = true;
-            }
-            Err(_) => {}
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-    }
-}
-
-/// Serves the metrics server's paths on `addr` (§8), retrying a busy port every 5 s.
-async fn serve_metrics(
-    addr: std::net::SocketAddr,
-    metrics: std::sync::Arc<kpr_ops::metrics::Metrics>,
-    mode: &'static str,
-) {
-    let mut logged = false;
-    loop {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => {
-                tracing::info!(address = %addr, "Serving /metrics");
-                let serving = kpr_ops::server::serve_metrics(
-                    listener,
-                    metrics.clone(),
-                    mode,
-                    std::future::pending(),
-                );
-                if let Err(e) = serving.await {
-                    tracing::warn!(address = %addr, "Metrics server stopped: {e}");
-                }
-            }
-            Err(e) if !logged => {
-                tracing::warn!(address = %addr, "Cannot serve /metrics yet, retrying every 5 s: {e}");
+                tracing::warn!(address = %addr, "Cannot serve {what} yet, retrying every 5 s: {e}");
                 logged = true;
             }
             Err(_) => {}
@@ -330,6 +305,7 @@ enum Source {
     Api(kpr_watch::api::Connect),
 }
 
+/// The long-running mode: follow the source, sync on changes, stop on SIGTERM/SIGINT.
 async fn serve(state: SyncState, source: Source) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
     let (stop, shutdown) = watch::channel(false);

@@ -248,8 +248,8 @@ impl SyncState {
     fn observe(
         &self,
         m: &kpr_ops::metrics::Metrics,
-        plan: &SyncPlan,
         applied: &Option<Result<crate::dataplane::ApplyReport, String>>,
+        latencies: &[Duration],
     ) {
         match applied {
             Some(Ok(a)) => {
@@ -279,8 +279,7 @@ impl SyncState {
         m.service_changes_pending.set(0);
         m.endpoint_changes_pending.set(0);
         if let Some(family) = self.desired.families.keys().next() {
-            let now = std::time::SystemTime::now();
-            for d in crate::latency::network_programming(&plan.trigger_times, now) {
+            for d in latencies {
                 m.network_programming
                     .with_label_values(&[family.label()])
                     .observe(d.as_secs_f64());
@@ -484,8 +483,18 @@ impl SyncState {
             // Retry as a full sync (§11); the failed family's committed copy is already gone.
             self.force_full();
         }
+        let succeeded = matches!(applied, None | Some(Ok(_)));
+        if succeeded {
+            self.sync_service_health(&ctx);
+        }
         self.context = Some((ctx, policy));
-        if let (Some(h), None | Some(Ok(_))) = (&self.health, &applied) {
+        // From the slices' trigger times to now (the commit), computed once.
+        let latencies = if succeeded {
+            crate::latency::network_programming(&plan.trigger_times, std::time::SystemTime::now())
+        } else {
+            Vec::new()
+        };
+        if let (Some(h), true) = (&self.health, succeeded) {
             let now = std::time::SystemTime::now();
             h.update(|m| {
                 for family in self.desired.families.keys() {
@@ -494,22 +503,13 @@ impl SyncState {
             });
         }
         if let Some(m) = &self.metrics {
-            self.observe(m, &plan, &applied);
+            self.observe(m, &applied, &latencies);
         }
-        if matches!(applied, None | Some(Ok(_)))
-            && let Some((ctx, _)) = self.context.clone()
-        {
-            self.sync_service_health(&ctx);
-        }
-        if matches!(applied, Some(Ok(_))) {
+        let network_programming = if matches!(applied, Some(Ok(_))) {
             self.reconcile_conntrack(&plan);
-        }
-        let network_programming = match &applied {
-            Some(Ok(_)) => crate::latency::network_programming(
-                &plan.trigger_times,
-                std::time::SystemTime::now(),
-            ),
-            _ => Vec::new(),
+            latencies
+        } else {
+            Vec::new()
         };
         let ports = self
             .desired

@@ -902,13 +902,18 @@ fn in_cluster_service_account() {
 }
 
 impl Cluster {
-    /// An HTTP GET from inside the node namespace; the whole response.
+    /// An HTTP GET to 127.0.0.1 from inside the node namespace; the whole response.
     fn http_get(&self, port: u16, path: &str) -> String {
+        self.http_get_at("127.0.0.1", port, path)
+    }
+
+    /// An HTTP GET to `ip:port` from inside the node namespace; the whole response.
+    fn http_get_at(&self, ip: &str, port: u16, path: &str) -> String {
         self.lab.sh(
             &self.node,
             // The request side stays open until the reply is in: an HTTP server may drop a
             // connection whose client half-closes before it has answered.
-            &format!("(printf 'GET {path} HTTP/1.1\\r\\nHost: node\\r\\nConnection: close\\r\\n\\r\\n'; sleep 0.5) | socat -t2 - TCP:127.0.0.1:{port} || true"),
+            &format!("(printf 'GET {path} HTTP/1.1\\r\\nHost: node\\r\\nConnection: close\\r\\n\\r\\n'; sleep 0.5) | socat -t2 - TCP:{ip}:{port} || true"),
         )
     }
 }
@@ -1018,16 +1023,6 @@ fn t7_1_health_endpoints() {
         !metrics.contains("kubeproxy_sync_proxy_rules_iptables"),
         "T8.4"
     );
-}
-
-impl Cluster {
-    /// An HTTP GET to `ip:port` from inside the node namespace; the whole response.
-    fn http_get_at(&self, ip: &str, port: u16, path: &str) -> String {
-        self.lab.sh(
-            &self.node,
-            &format!("(printf 'GET {path} HTTP/1.1\\r\\nHost: node\\r\\nConnection: close\\r\\n\\r\\n'; sleep 0.5) | socat -t2 - TCP:{ip}:{port} 2>&1 || true"),
-        )
-    }
 }
 
 /// §7.2 with the real binary: a LoadBalancer Service with ETP=Local gets a server on its

@@ -659,37 +659,28 @@ impl Encoder<'_> {
             flags |= 0x10 | 0x20; // NFT_SET_TIMEOUT | NFT_SET_EVAL ("dynamic")
         }
         let mut u = Udata::default();
-        if let KeyType::Bucket(proto) = key {
-            bucket_udata(&mut u, f, proto);
-            if let Some(c) = comment {
-                u.str(7, &clean_comment(c));
+        let data = match key {
+            KeyType::Bucket(proto) => {
+                bucket_udata(&mut u, f, proto);
+                Some(target_type(f))
             }
-            let (dtype, dlen) = target_type(f);
-            self.msg(op, NEWSET, NLM_F_CREATE, |b| {
-                b.str(1, &table);
-                b.str(2, name);
-                b.u32(3, flags);
-                b.u32(4, ktype);
-                b.u32(5, klen);
-                b.u32(6, dtype);
-                b.u32(7, dlen);
-                b.u32(10, id);
-                b.attr(13, &u.bytes);
-            });
-            return;
-        }
-        let concat = key != KeyType::Addr;
-        u.u32(0, if concat { 0 } else { 2 }); // key byte order: big endian, none for a concatenation
-        if map {
-            u.u32(1, 0); // data byte order
-        }
-        if concat {
-            // nft's (empty) typeof record of a concatenation.
-            u.raw(3, &[0, 4, 13, 0, 0, 0, 1, 0]);
-        }
-        if map {
-            u.u32(6, 0); // data is not an interval
-        }
+            _ => {
+                let concat = key != KeyType::Addr;
+                // Key byte order: big endian, none for a concatenation.
+                u.u32(0, if concat { 0 } else { 2 });
+                if map {
+                    u.u32(1, 0); // data byte order
+                }
+                if concat {
+                    // nft's (empty) typeof record of a concatenation.
+                    u.raw(3, &[0, 4, 13, 0, 0, 0, 1, 0]);
+                }
+                if map {
+                    u.u32(6, 0); // data is not an interval
+                }
+                map.then_some((0xffff_ff00, 0)) // NFT_DATA_VERDICT
+            }
+        };
         if let Some(c) = comment {
             u.str(7, &clean_comment(c));
         }
@@ -699,9 +690,9 @@ impl Encoder<'_> {
             b.u32(3, flags);
             b.u32(4, ktype);
             b.u32(5, klen);
-            if map {
-                b.u32(6, 0xffff_ff00); // NFT_DATA_VERDICT
-                b.u32(7, 0);
+            if let Some((dtype, dlen)) = data {
+                b.u32(6, dtype);
+                b.u32(7, dlen);
             }
             b.u32(10, id);
             if let Some(t) = timeout {
