@@ -81,7 +81,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         return Ok(());
     }
     if proxy.cleanup {
-        return cleanup(proxy);
+        return cleanup();
     }
     let cfg = sync_config(proxy)?;
     let source = match proxy.manifests.as_deref() {
@@ -103,7 +103,9 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
             })
         }
     };
-    let metrics = std::sync::Arc::new(kpr_ops::metrics::Metrics::new()?);
+    let metrics = std::sync::Arc::new(kpr_ops::metrics::Metrics::for_mode(
+        proxy.mode == ProxyMode::Iptables,
+    )?);
     let health = kpr_ops::server::Health::with_metrics(
         kpr_ops::health::HealthModel::new(
             &["IPv4", "IPv6"],
@@ -119,29 +121,67 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
             kpr_ops::service_health::ServiceHealth::new(health.clone()),
             proxy.node_port_addresses.clone(),
         );
-    match proxy.mode {
+    let netlink = || -> anyhow::Result<Box<dyn kpr_nft::Executor + Send>> {
+        // nf_tables netlink directly: no `nft` process and no cache fill per sync.
+        Ok(Box::new(kpr_nft::Netlink::open().map_err(|e| {
+            anyhow::anyhow!("cannot open an nf_tables netlink socket (needs CAP_NET_ADMIN): {e}")
+        })?))
+    };
+    let plane = match proxy.mode {
         ProxyMode::Nftables => {
-            let mut plane = Dataplane::new(
-                // nf_tables netlink directly: no `nft` process and no cache fill per sync.
-                Box::new(kpr_nft::Netlink::open().map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot open an nf_tables netlink socket (needs CAP_NET_ADMIN): {e}"
-                    )
-                })?),
+            let mut exec = netlink()?;
+            // Switching from upstream's nftables mode, or from either iptables mode (§2.1
+            // step 4): their rules go.
+            Dataplane::remove_nft_tables(exec.as_mut(), "kube-proxy");
+            Dataplane::remove_iptables_rules();
+            set_conntrack_sysctls(proxy);
+            Dataplane::new(
+                exec,
                 proxy.masquerade_bit,
                 proxy.node_port_addresses.clone(),
-            );
-            plane.remove_upstream_tables();
-            plane.remove_upstream_iptables();
-            set_conntrack_sysctls(proxy);
-            state = state.with_dataplane(plane);
+            )
         }
         ProxyMode::Iptables => {
-            tracing::warn!(
-                "The iptables data plane is not built yet: computing the desired state only, programming nothing (use --proxy-mode nftables)"
+            let variant = kpr_dataplane::iptables::exec::detect();
+            tracing::info!(
+                backend = variant.as_str(),
+                "Using iptables-{}",
+                variant.as_str()
             );
+            // Switching from either nftables mode (§2.1 step 4, T2.4.1).
+            let mut exec = netlink()?;
+            Dataplane::remove_nft_tables(exec.as_mut(), "kube-proxy");
+            Dataplane::remove_nft_tables(exec.as_mut(), kpr_dataplane::nftables::layout::TABLE);
+            set_conntrack_sysctls(proxy);
+            let localhost = proxy.localhost_node_ports
+                && proxy.node_port_addresses == kpr_config::NodePortAddresses::Default;
+            if localhost {
+                // Localhost NodePorts need martian 127/8 destinations routed (§4.4).
+                match std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1") {
+                    Ok(()) => tracing::info!(
+                        "Set net.ipv4.conf.all.route_localnet=1 for localhost NodePorts"
+                    ),
+                    Err(e) => tracing::warn!("Could not set route_localnet: {e}"),
+                }
+            }
+            let liberal =
+                std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+                    .is_ok_and(|v| v.trim() != "0");
+            let settings = crate::dataplane::IptSettings {
+                tools: kpr_dataplane::iptables::exec::Tools::new(variant),
+                localhost_node_ports: proxy.localhost_node_ports,
+                drop_invalid: !liberal,
+            };
+            let nl = (variant == kpr_dataplane::iptables::exec::Variant::Nft).then_some(exec);
+            Dataplane::iptables(
+                settings,
+                nl,
+                proxy.masquerade_bit,
+                proxy.node_port_addresses.clone(),
+            )
         }
-    }
+    };
+    state = state.with_dataplane(plane);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -194,25 +234,16 @@ fn set_conntrack_sysctls(proxy: &ProxyConfig) {
 }
 
 /// `--cleanup` (§2.4): removes our nftables tables, upstream kube-proxy's nftables tables and
-/// its iptables chains and jumps, then exits; non-zero if any step failed.
-fn cleanup(proxy: &ProxyConfig) -> anyhow::Result<()> {
+/// the iptables chains and jumps of either's iptables mode (iptables-nft and -legacy), then
+/// exits; non-zero if any step failed.
+fn cleanup() -> anyhow::Result<()> {
     let exec = kpr_nft::Netlink::open().map_err(|e| {
         anyhow::anyhow!("cannot open an nf_tables netlink socket (needs CAP_NET_ADMIN): {e}")
     })?;
-    let mut plane = Dataplane::new(
-        Box::new(exec),
-        proxy.masquerade_bit,
-        proxy.node_port_addresses.clone(),
-    );
-    let ours = plane.remove_tables(kpr_dataplane::nftables::layout::TABLE);
-    let theirs = plane.remove_tables("kube-proxy");
-    let iptables = match kpr_dataplane::iptables::exec::remove_upstream_leftovers() {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::error!("Could not remove kube-proxy's iptables rules: {e}");
-            false
-        }
-    };
+    let mut exec: Box<dyn kpr_nft::Executor> = Box::new(exec);
+    let ours = Dataplane::remove_nft_tables(exec.as_mut(), kpr_dataplane::nftables::layout::TABLE);
+    let theirs = Dataplane::remove_nft_tables(exec.as_mut(), "kube-proxy");
+    let iptables = Dataplane::remove_iptables_rules();
     if ours && theirs && iptables {
         tracing::info!("Removed every rule of kube-proxy-rs and of upstream kube-proxy");
         Ok(())

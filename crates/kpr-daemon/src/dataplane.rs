@@ -1,8 +1,10 @@
-//! The daemon's data plane: renders each family's desired state and applies it through the one
-//! kernel executor, keeps what was committed, and checks the table is still there (active
-//! repair: a table deleted or flushed by another tool is detected within a second).
+//! The daemon's data plane: renders each family's desired state and applies it through the
+//! mode's one kernel path (nftables: the netlink executor; iptables: `iptables-restore`),
+//! keeps what was committed, and checks the rules are still there (active repair: a table
+//! deleted or flushed by another tool is detected within a second).
 
 use kpr_config::NodePortAddresses;
+use kpr_dataplane::iptables::{self as ipt, exec::Tools};
 use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, layout, render, render_cold};
 use kpr_model::node::NodeContext;
 use kpr_model::{DesiredState, IpFamily, SyncPlan};
@@ -17,57 +19,107 @@ pub const COLD_START_MAX_OPS: usize = 10_000;
 /// What one successful sync did.
 #[derive(Debug, Clone, Default)]
 pub struct ApplyReport {
-    /// Per family: (operations sent, full render?).
+    /// Per family: (operations sent, or chains written in iptables mode; full render?).
     pub families: Vec<(IpFamily, usize, bool)>,
+    /// Bytes of `iptables-restore` input (iptables mode).
+    pub bytes: usize,
+    /// Per family and table: rules owned, and rules written by this sync (iptables mode).
+    pub iptables_rules: Vec<(IpFamily, ipt::IptTable, usize, usize)>,
     pub elapsed: Duration,
 }
 
-/// The nftables data plane of both families.
+/// Settings only the iptables mode has.
+#[derive(Debug, Clone)]
+pub struct IptSettings {
+    pub tools: Tools,
+    /// `iptables.localhostNodePorts` (§4.4).
+    pub localhost_node_ports: bool,
+    /// DROP ctstate INVALID in `KUBE-FORWARD` (§6.3).
+    pub drop_invalid: bool,
+}
+
+enum Backend {
+    Nft {
+        exec: Box<dyn Executor + Send>,
+        rendered: BTreeMap<IpFamily, Rendered>,
+    },
+    Ipt {
+        settings: IptSettings,
+        /// nf_tables netlink, for the 40 µs flush check when the host uses iptables-nft.
+        netlink: Option<Box<dyn Executor + Send>>,
+        rendered: BTreeMap<IpFamily, ipt::Rendered>,
+    },
+}
+
+/// The data plane of both families, in one mode.
 pub struct Dataplane {
-    exec: Box<dyn Executor + Send>,
+    backend: Backend,
     masquerade_bit: u8,
     node_ports: NodePortAddresses,
-    rendered: BTreeMap<IpFamily, Rendered>,
 }
 
 impl std::fmt::Debug for Dataplane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ports: Vec<usize> = match &self.backend {
+            Backend::Nft { rendered, .. } => rendered.values().map(Rendered::port_count).collect(),
+            Backend::Ipt { rendered, .. } => {
+                rendered.values().map(ipt::Rendered::port_count).collect()
+            }
+        };
         f.debug_struct("Dataplane")
-            .field(
-                "rendered_ports",
-                &self
-                    .rendered
-                    .values()
-                    .map(Rendered::port_count)
-                    .collect::<Vec<_>>(),
-            )
+            .field("mode", &self.mode())
+            .field("rendered_ports", &ports)
             .finish()
     }
 }
 
 impl Dataplane {
+    /// The nftables mode, applying through `exec`.
     pub fn new(
         exec: Box<dyn Executor + Send>,
         masquerade_bit: u8,
         node_ports: NodePortAddresses,
     ) -> Dataplane {
         Dataplane {
-            exec,
+            backend: Backend::Nft {
+                exec,
+                rendered: BTreeMap::new(),
+            },
             masquerade_bit,
             node_ports,
-            rendered: BTreeMap::new(),
         }
     }
 
-    /// Removes the tables upstream kube-proxy's nftables mode leaves behind (mode switch, §2.1
-    /// step 4). Errors are only logged, as upstream.
-    pub fn remove_upstream_tables(&mut self) {
-        self.remove_tables("kube-proxy");
+    /// The iptables mode. `netlink` (when the host uses iptables-nft) makes the flush check a
+    /// netlink query instead of running `iptables -S`.
+    pub fn iptables(
+        settings: IptSettings,
+        netlink: Option<Box<dyn Executor + Send>>,
+        masquerade_bit: u8,
+        node_ports: NodePortAddresses,
+    ) -> Dataplane {
+        Dataplane {
+            backend: Backend::Ipt {
+                settings,
+                netlink,
+                rendered: BTreeMap::new(),
+            },
+            masquerade_bit,
+            node_ports,
+        }
     }
 
-    /// Removes `table ip|ip6 NAME` (a missing table is not an error); returns whether every
-    /// removal succeeded.
-    pub fn remove_tables(&mut self, name: &str) -> bool {
+    /// "nftables" or "iptables".
+    pub fn mode(&self) -> &'static str {
+        match self.backend {
+            Backend::Nft { .. } => "nftables",
+            Backend::Ipt { .. } => "iptables",
+        }
+    }
+
+    /// Removes `table ip|ip6 NAME` through `exec` (a missing table is not an error); returns
+    /// whether every removal succeeded.
+    pub fn remove_nft_tables(exec: &mut dyn Executor, name: &str) -> bool {
         let mut ok = true;
         for family in [Family::Ip, Family::Ip6] {
             let table = Table {
@@ -78,7 +130,7 @@ impl Dataplane {
             let mut tx = Transaction::new(table.clone());
             tx.push(Op::AddTable(table));
             tx.push(Op::DeleteTable);
-            if let Err(e) = self.exec.apply(&tx) {
+            if let Err(e) = exec.apply(&tx) {
                 tracing::warn!(
                     family = family.as_str(),
                     table = name,
@@ -90,15 +142,21 @@ impl Dataplane {
         ok
     }
 
-    /// Removes the iptables chains and jumps upstream kube-proxy's iptables mode leaves
-    /// behind (§2.1 step 4, §13.6). Errors are only logged, as upstream.
-    pub fn remove_upstream_iptables(&mut self) {
-        match kpr_dataplane::iptables::exec::remove_upstream_leftovers() {
-            Ok(families) if !families.is_empty() => {
-                tracing::info!(families = ?families, "Removed upstream kube-proxy's iptables rules")
+    /// Removes the iptables chains and jumps of kube-proxy's iptables mode, upstream's and
+    /// ours (same names), from both back ends (§2.1 step 4, §13.6). Errors are only logged,
+    /// as upstream.
+    pub fn remove_iptables_rules() -> bool {
+        match ipt::exec::remove_upstream_leftovers() {
+            Ok(cleaned) => {
+                if !cleaned.is_empty() {
+                    tracing::info!(families = ?cleaned, "Removed kube-proxy's iptables rules");
+                }
+                true
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("Could not remove upstream kube-proxy's iptables rules: {e}"),
+            Err(e) => {
+                tracing::warn!("Could not remove kube-proxy's iptables rules: {e}");
+                false
+            }
         }
     }
 
@@ -112,58 +170,178 @@ impl Dataplane {
     ) -> Result<ApplyReport, String> {
         let start = Instant::now();
         let mut report = ApplyReport::default();
-        for (family, fam) in &desired.families {
-            let committed = self.rendered.entry(*family).or_default();
-            let full = plan.full || committed.is_empty();
-            // NodePort addresses (which may mean listing interfaces) are worked out on full
-            // syncs only; a node IP change makes the sync loop plan a full one.
-            let cfg = match committed.config() {
-                Some(cfg) if !full => cfg.clone(),
-                _ => NftConfig::new(
-                    *family,
-                    self.masquerade_bit,
-                    node_port_addrs(&self.node_ports, *family, ctx),
-                ),
-            };
-            // Cold start (no table of ours in the kernel): bounded transactions, so no single
-            // one holds the nftables mutex for long. Otherwise one atomic transaction.
-            let cold = committed.is_empty()
-                && !self
-                    .exec
-                    .table_intact(&table(*family), layout::MASQUERADING)
-                    .unwrap_or(false);
-            let txs = if cold {
-                render_cold(fam, &cfg, committed, COLD_START_MAX_OPS)
-            } else {
-                vec![render(fam, &cfg, committed, plan)]
-            };
-            let mut ops = 0;
-            for tx in txs.iter().filter(|tx| !tx.is_empty()) {
-                if let Err(e) = self.exec.apply(tx) {
-                    // What the kernel holds is unknown now: the next render is full.
-                    self.rendered.remove(family);
-                    return Err(format!("{family}: {e}"));
-                }
-                ops += tx.len();
-            }
-            if ops > 0 {
-                report.families.push((*family, ops, full));
-            }
+        let (bit, node_ports) = (self.masquerade_bit, self.node_ports.clone());
+        match &mut self.backend {
+            Backend::Nft { exec, rendered } => sync_nft(
+                exec.as_mut(),
+                rendered,
+                bit,
+                &node_ports,
+                desired,
+                plan,
+                ctx,
+                &mut report,
+            )?,
+            Backend::Ipt {
+                settings, rendered, ..
+            } => sync_ipt(
+                settings,
+                rendered,
+                bit,
+                &node_ports,
+                desired,
+                plan,
+                ctx,
+                &mut report,
+            )?,
         }
         report.elapsed = start.elapsed();
         Ok(report)
     }
 
-    /// Whether every family's table is still as we left it (present, rules not flushed).
+    /// Whether every family's rules are still as we left them (present, not flushed).
     pub fn verify(&mut self) -> bool {
-        let families: Vec<IpFamily> = self.rendered.keys().copied().collect();
-        families.into_iter().all(|f| {
-            let table = table(f);
-            self.exec
-                .table_intact(&table, layout::MASQUERADING)
-                .unwrap_or(false)
-        })
+        match &mut self.backend {
+            Backend::Nft { exec, rendered } => rendered.keys().all(|f| {
+                exec.table_intact(&table(*f), layout::MASQUERADING)
+                    .unwrap_or(false)
+            }),
+            Backend::Ipt {
+                settings,
+                netlink,
+                rendered,
+            } => rendered.keys().all(|f| match netlink {
+                Some(nl) => {
+                    let family = match f {
+                        IpFamily::V4 => Family::Ip,
+                        IpFamily::V6 => Family::Ip6,
+                    };
+                    let t = |name: &str| Table {
+                        family,
+                        name: name.into(),
+                        comment: None,
+                    };
+                    nl.table_intact(&t("nat"), ipt::render::POSTROUTING)
+                        .unwrap_or(false)
+                        && nl
+                            .table_intact(&t("filter"), ipt::render::FORWARD)
+                            .unwrap_or(false)
+                }
+                None => settings.tools.intact(*f),
+            }),
+        }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sync_nft(
+    exec: &mut dyn Executor,
+    rendered: &mut BTreeMap<IpFamily, Rendered>,
+    masquerade_bit: u8,
+    node_ports: &NodePortAddresses,
+    desired: &DesiredState,
+    plan: &SyncPlan,
+    ctx: &NodeContext,
+    report: &mut ApplyReport,
+) -> Result<(), String> {
+    for (family, fam) in &desired.families {
+        let committed = rendered.entry(*family).or_default();
+        let full = plan.full || committed.is_empty();
+        // NodePort addresses (which may mean listing interfaces) are worked out on full
+        // syncs only; a node IP change makes the sync loop plan a full one.
+        let cfg = match committed.config() {
+            Some(cfg) if !full => cfg.clone(),
+            _ => NftConfig::new(
+                *family,
+                masquerade_bit,
+                node_port_addrs(node_ports, *family, ctx),
+            ),
+        };
+        // Cold start (no table of ours in the kernel): bounded transactions, so no single
+        // one holds the nftables mutex for long. Otherwise one atomic transaction.
+        let cold = committed.is_empty()
+            && !exec
+                .table_intact(&table(*family), layout::MASQUERADING)
+                .unwrap_or(false);
+        let txs = if cold {
+            render_cold(fam, &cfg, committed, COLD_START_MAX_OPS)
+        } else {
+            vec![render(fam, &cfg, committed, plan)]
+        };
+        let mut ops = 0;
+        for tx in txs.iter().filter(|tx| !tx.is_empty()) {
+            if let Err(e) = exec.apply(tx) {
+                // What the kernel holds is unknown now: the next render is full.
+                rendered.remove(family);
+                return Err(format!("{family}: {e}"));
+            }
+            ops += tx.len();
+        }
+        if ops > 0 {
+            report.families.push((*family, ops, full));
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sync_ipt(
+    settings: &IptSettings,
+    rendered: &mut BTreeMap<IpFamily, ipt::Rendered>,
+    masquerade_bit: u8,
+    node_ports: &NodePortAddresses,
+    desired: &DesiredState,
+    plan: &SyncPlan,
+    ctx: &NodeContext,
+    report: &mut ApplyReport,
+) -> Result<(), String> {
+    for (family, fam) in &desired.families {
+        let committed = rendered.entry(*family).or_default();
+        let full = plan.full || committed.is_empty();
+        let cfg = match committed.config() {
+            Some(cfg) if !full => cfg.clone(),
+            _ => {
+                let mut cfg = ipt::IptConfig::new(
+                    *family,
+                    masquerade_bit,
+                    node_port_addrs(node_ports, *family, ctx),
+                );
+                cfg.localhost_node_ports = settings.localhost_node_ports;
+                cfg.drop_invalid = settings.drop_invalid;
+                cfg
+            }
+        };
+        // Full syncs list the kernel first: stale service chains and misplaced jumps are
+        // fixed in the same restore.
+        let existing = if full {
+            let save = settings
+                .tools
+                .save(*family)
+                .map_err(|e| format!("{family}: {e}"))?;
+            Some(ipt::Existing::parse(&save))
+        } else {
+            None
+        };
+        let restore = ipt::render(fam, &cfg, committed, plan, existing.as_ref());
+        if !restore.text.is_empty() {
+            if let Err(e) = settings.tools.restore(*family, &restore.text) {
+                rendered.remove(family);
+                let kind = if restore.full { "full" } else { "partial" };
+                return Err(format!("{family}: {kind} restore: {e}"));
+            }
+            report.bytes += restore.text.len();
+            report
+                .families
+                .push((*family, restore.chains_written, restore.full));
+        }
+        if let Some(committed) = rendered.get(family) {
+            for (table, owned) in committed.rule_counts() {
+                let written = restore.rules_written.get(&table).copied().unwrap_or(0);
+                report.iptables_rules.push((*family, table, owned, written));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The addresses that accept NodePorts in one family (§4.4).

@@ -43,6 +43,8 @@ pub struct SyncReport {
     /// Network-programming latency of the EndpointSlice changes this sync put in the kernel
     /// (from their last-change-trigger-time; empty unless the data plane applied them).
     pub network_programming: Vec<Duration>,
+    /// "nftables" or "iptables".
+    pub mode: &'static str,
 }
 
 /// All state the loop owns.
@@ -149,6 +151,11 @@ impl SyncState {
     }
 
     /// Whether the data plane's tables are still intact (always true without one).
+    /// The data plane's mode ("nftables" without one: the default mode).
+    pub fn mode(&self) -> &'static str {
+        self.dataplane.as_ref().map_or("nftables", Dataplane::mode)
+    }
+
     pub fn verify(&mut self) -> bool {
         self.dataplane.as_mut().is_none_or(Dataplane::verify)
     }
@@ -259,12 +266,29 @@ impl SyncState {
                         .with_label_values(&[family.label()])
                         .set(unix_now());
                 }
+                for (family, table, owned, written) in &a.iptables_rules {
+                    let labels = [family.label(), table.as_str()];
+                    m.iptables_total
+                        .with_label_values(&labels)
+                        .set(*owned as i64);
+                    m.iptables_last
+                        .with_label_values(&labels)
+                        .set(*written as i64);
+                }
             }
-            Some(Err(_)) => {
+            Some(Err(e)) => {
                 for family in self.desired.families.keys() {
-                    m.nftables_sync_failures
-                        .with_label_values(&[family.label()])
-                        .inc();
+                    let label = [family.label()];
+                    if self.mode() == "iptables" {
+                        m.iptables_restore_failures.with_label_values(&label).inc();
+                        if e.contains("partial restore") {
+                            m.iptables_partial_restore_failures
+                                .with_label_values(&label)
+                                .inc();
+                        }
+                    } else {
+                        m.nftables_sync_failures.with_label_values(&label).inc();
+                    }
                 }
                 return;
             }
@@ -522,6 +546,7 @@ impl SyncState {
             ports,
             applied,
             network_programming,
+            mode: self.mode(),
         }
     }
 }
@@ -555,7 +580,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_repair), if state.dataplane.is_some() && last_sync.is_some() => {
                 let start = Instant::now();
                 if !state.verify() {
-                    tracing::warn!("Our nftables table was deleted or flushed by someone else; restoring it");
+                    tracing::warn!("Our {} rules were deleted or flushed by someone else; restoring them", state.mode());
                     state.force_full();
                     last_sync = None;
                 }
@@ -623,8 +648,10 @@ fn log_report(r: &SyncReport) {
                 changed_services = r.plan.changed_services.len(),
                 service_ports = %ports.join(","),
                 operations = %ops.join(","),
+                bytes = a.bytes,
                 elapsed_us = a.elapsed.as_micros() as u64,
-                "Synced nftables rules"
+                "Synced {} rules",
+                r.mode
             );
             if let Some(worst) = r.network_programming.iter().max() {
                 tracing::debug!(

@@ -1,8 +1,11 @@
-//! Real traffic through the real binary (§4, §5, issue 3's "must show"): a node namespace runs
-//! `kube-proxy-rs --proxy-mode nftables --manifests DIR`, pod namespaces run socat servers, an
-//! outside client namespace sends real TCP and UDP to Service addresses. Every namespace is
-//! created by the test and removed afterwards (kpr_testkit::lab); without root the tests print
-//! SKIPPED.
+//! Real traffic through the real binary (§4, §5, issue 3's and issue 6's "must show"): a node
+//! namespace runs `kube-proxy-rs --proxy-mode MODE --manifests DIR`, pod namespaces run socat
+//! servers, an outside client namespace sends real TCP and UDP to Service addresses. One suite,
+//! run in every mode: each scenario is a function of the [`Mode`], and `in_every_mode!` makes
+//! a test of it per mode (`nftables::…`, `iptables::…`, with iptables-nft; `legacy::…` runs the
+//! basic scenarios on iptables-legacy, picked by the proxy's own detection). Every namespace
+//! is created by the test and removed afterwards (kpr_testkit::lab); without root the tests
+//! print SKIPPED.
 #![allow(clippy::unwrap_used)]
 
 use kpr_testkit::lab::{Lab, Reply};
@@ -10,8 +13,94 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// The data plane a test runs the proxy with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Nftables,
+    /// iptables mode on iptables-nft.
+    Iptables,
+    /// iptables mode on iptables-legacy: kubelet's canary chain in legacy's mangle table makes
+    /// the proxy pick legacy, as upstream's iptables-wrapper does.
+    Legacy,
+}
+
+impl Mode {
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Nftables => "nftables",
+            Mode::Iptables | Mode::Legacy => "iptables",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Mode::Nftables => "nft",
+            Mode::Iptables => "ipt",
+            Mode::Legacy => "leg",
+        }
+    }
+
+    /// The iptables tool of this mode (`iptables-nft-save`, `ip6tables-legacy`, ...).
+    fn tool(self, v6: bool, what: &str) -> String {
+        let base = if v6 { "ip6tables" } else { "iptables" };
+        let variant = if self == Mode::Legacy {
+            "legacy"
+        } else {
+            "nft"
+        };
+        format!("{base}-{variant}{what}")
+    }
+}
+
+/// Makes one test per mode from scenario functions taking a [`Mode`].
+macro_rules! in_every_mode {
+    ($($name:ident),* $(,)?) => {
+        mod nftables {
+            $( #[test] fn $name() { super::$name(super::Mode::Nftables) } )*
+        }
+        mod iptables {
+            $( #[test] fn $name() { super::$name(super::Mode::Iptables) } )*
+        }
+    };
+}
+
+in_every_mode!(
+    t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints,
+    t4_5_1_node_port_and_lb_ip_from_outside_and_t4_8_1_no_endpoints_refuse,
+    t4_2_etp_local_preserves_the_client_ip_and_drops_without_local_endpoints,
+    t4_3_1_itp_local_t5_4_1_affinity_and_t4_9_1_hairpin,
+    ipv6_cluster_ip,
+    manifest_edits_steer_new_connections_and_established_ones_survive,
+    a_deleted_or_flushed_table_is_restored_within_a_second,
+    rules_survive_a_restart_and_established_connections_keep_working,
+    api_server_source_end_to_end,
+    t7_1_health_endpoints,
+    t7_2_health_check_node_port,
+    cleanup_removes_every_rule_of_ours_and_upstreams,
+    t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes,
+);
+
+/// The basic scenarios on iptables-legacy.
+mod legacy {
+    #[test]
+    fn t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints() {
+        super::t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints(super::Mode::Legacy)
+    }
+    #[test]
+    fn t4_5_1_node_port_and_lb_ip_from_outside_and_t4_8_1_no_endpoints_refuse() {
+        super::t4_5_1_node_port_and_lb_ip_from_outside_and_t4_8_1_no_endpoints_refuse(
+            super::Mode::Legacy,
+        )
+    }
+    #[test]
+    fn a_flushed_table_is_restored_within_a_second() {
+        super::a_deleted_or_flushed_table_is_restored_within_a_second(super::Mode::Legacy)
+    }
+}
+
 /// A node with pods and an outside client.
 struct Cluster {
+    mode: Mode,
     lab: Lab,
     node: String,
     client: String,
@@ -28,9 +117,9 @@ const NODE_YAML: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, la
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Cluster {
-    fn new(test: &str) -> Option<Cluster> {
+    fn new(test: &str, mode: Mode) -> Option<Cluster> {
         let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let mut lab = Lab::new(test)?;
+        let mut lab = Lab::new(&format!("{test}-{}", mode.short()))?;
         let node = lab.netns("node");
         let client = lab.netns("client");
         let (up_node, up_client) = lab.link(&node, &client);
@@ -39,7 +128,12 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("node.yaml"), NODE_YAML).unwrap();
         let log = dir.path().join("proxy.log");
+        if mode == Mode::Legacy {
+            // What kubelet creates where it runs: the proxy follows it to legacy.
+            lab.sh(&node, "iptables-legacy -t mangle -N KUBE-KUBELET-CANARY");
+        }
         Some(Cluster {
+            mode,
             lab,
             node,
             client,
@@ -123,8 +217,9 @@ impl Cluster {
     /// Starts the proxy with `source` (`--manifests DIR` or `--master URL`).
     fn start_proxy_with(&mut self, source: &str) -> u32 {
         let cmd = format!(
-            "exec {} --proxy-mode nftables {source} --hostname-override node-a --cluster-cidr 10.0.0.0/8 --nodeport-addresses primary --iptables-min-sync-period 0s -v 2 2>>{}",
+            "exec {} --proxy-mode {} {source} --hostname-override node-a --cluster-cidr 10.0.0.0/8 --nodeport-addresses primary --iptables-min-sync-period 0s -v 2 2>>{}",
             env!("CARGO_BIN_EXE_kube-proxy-rs"),
+            self.mode.flag(),
             self.log.display()
         );
         let node = self.node.clone();
@@ -133,6 +228,17 @@ impl Cluster {
         Lab::wait_for("the first sync", Duration::from_secs(10), || {
             self.syncs() > before
         });
+        if self.mode != Mode::Nftables {
+            let variant = if self.mode == Mode::Legacy {
+                "legacy"
+            } else {
+                "nft"
+            };
+            assert!(
+                self.logged(&format!("Using iptables-{variant}")),
+                "the proxy picked the host's iptables back end"
+            );
+        }
         pid
     }
 
@@ -145,7 +251,7 @@ impl Cluster {
     fn syncs(&self) -> usize {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
-            .matches("Synced nftables rules")
+            .matches(&format!("Synced {} rules", self.mode.flag()))
             .count()
     }
 
@@ -184,6 +290,35 @@ impl Cluster {
     fn nft(&self, args: &str) -> String {
         self.lab.sh(&self.node, &format!("nft {args}"))
     }
+
+    /// Our rules in the node namespace: the nftables ruleset, or `iptables-save` of both
+    /// families.
+    fn rules(&self) -> String {
+        match self.mode {
+            Mode::Nftables => self.nft("list ruleset"),
+            mode => self.lab.sh(
+                &self.node,
+                &format!(
+                    "{} && {}",
+                    mode.tool(false, "-save"),
+                    mode.tool(true, "-save")
+                ),
+            ),
+        }
+    }
+
+    /// Whether a Service frontend on `ip` is programmed.
+    fn programmed(&self, ip: &str) -> bool {
+        match self.mode {
+            Mode::Nftables => self
+                .lab
+                .try_sh(&self.node, "nft list map ip kube-proxy-rs service-ips")
+                .stdout
+                .windows(ip.len())
+                .any(|w| w == ip.as_bytes()),
+            _ => self.rules().contains(&format!("-d {ip}/32")),
+        }
+    }
 }
 
 /// A long-lived connection through a Service (see `Cluster::open_echo`).
@@ -221,7 +356,12 @@ impl Drop for Cluster {
             );
             eprintln!(
                 "--- node ruleset ---\n{}",
-                String::from_utf8_lossy(&self.lab.try_sh(&self.node, "nft list ruleset").stdout)
+                String::from_utf8_lossy(
+                    &self
+                        .lab
+                        .try_sh(&self.node, "nft list ruleset; iptables-legacy-save")
+                        .stdout
+                )
             );
         }
     }
@@ -280,9 +420,8 @@ fn peer(r: &Reply) -> String {
 }
 
 /// T4.1.1: new TCP connections and UDP flows to a ClusterIP spread over every ready endpoint.
-#[test]
-fn t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints() {
-    let Some(mut c) = Cluster::new("t4_1_1") else {
+fn t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints(mode: Mode) {
+    let Some(mut c) = Cluster::new("t4_1_1", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -336,9 +475,8 @@ fn t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints() {
 
 /// T4.4 / T4.5.1: NodePort and LB IP from outside, masqueraded with ETP=Cluster; T4.8.1: a
 /// Service without endpoints refuses at once.
-#[test]
-fn t4_5_1_node_port_and_lb_ip_from_outside_and_t4_8_1_no_endpoints_refuse() {
-    let Some(mut c) = Cluster::new("t4_5_1") else {
+fn t4_5_1_node_port_and_lb_ip_from_outside_and_t4_8_1_no_endpoints_refuse(mode: Mode) {
+    let Some(mut c) = Cluster::new("t4_5_1", mode) else {
         return;
     };
     c.pod("pod1", "10.0.1.11", None);
@@ -382,9 +520,8 @@ fn t4_5_1_node_port_and_lb_ip_from_outside_and_t4_8_1_no_endpoints_refuse() {
 }
 
 /// T4.2.1 / T4.2.2: ETP=Local keeps the client address; without a local endpoint, DROP.
-#[test]
-fn t4_2_etp_local_preserves_the_client_ip_and_drops_without_local_endpoints() {
-    let Some(mut c) = Cluster::new("t4_2") else {
+fn t4_2_etp_local_preserves_the_client_ip_and_drops_without_local_endpoints(mode: Mode) {
+    let Some(mut c) = Cluster::new("t4_2", mode) else {
         return;
     };
     c.pod("local", "10.0.0.11", None);
@@ -429,9 +566,8 @@ fn t4_2_etp_local_preserves_the_client_ip_and_drops_without_local_endpoints() {
 
 /// T4.3.1 ITP=Local with only remote endpoints drops; T5.4.1 ClientIP affinity sticks;
 /// T4.9.1 hairpin.
-#[test]
-fn t4_3_1_itp_local_t5_4_1_affinity_and_t4_9_1_hairpin() {
-    let Some(mut c) = Cluster::new("t4_3_1") else {
+fn t4_3_1_itp_local_t5_4_1_affinity_and_t4_9_1_hairpin(mode: Mode) {
+    let Some(mut c) = Cluster::new("t4_3_1", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -512,9 +648,8 @@ fn t4_3_1_itp_local_t5_4_1_affinity_and_t4_9_1_hairpin() {
 }
 
 /// IPv6 ClusterIP from an IPv6 pod.
-#[test]
-fn ipv6_cluster_ip() {
-    let Some(mut c) = Cluster::new("ipv6") else {
+fn ipv6_cluster_ip(mode: Mode) {
+    let Some(mut c) = Cluster::new("ipv6", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", Some("fd00:10::5"));
@@ -536,9 +671,8 @@ fn ipv6_cluster_ip() {
 
 /// Editing the manifests changes where new connections go within a couple of seconds, while an
 /// established connection keeps working; deleting the Service stops DNAT.
-#[test]
-fn manifest_edits_steer_new_connections_and_established_ones_survive() {
-    let Some(mut c) = Cluster::new("edits") else {
+fn manifest_edits_steer_new_connections_and_established_ones_survive(mode: Mode) {
+    let Some(mut c) = Cluster::new("edits", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -572,8 +706,7 @@ fn manifest_edits_steer_new_connections_and_established_ones_survive() {
     // Delete the Service: no more DNAT.
     c.remove("svc.yaml");
     Lab::wait_for("the Service to be gone", Duration::from_secs(3), || {
-        !c.nft("list map ip kube-proxy-rs service-ips")
-            .contains("172.30.0.10")
+        !c.programmed("172.30.0.10")
     });
     assert!(matches!(
         c.lab.tcp(&client, "172.30.0.10", 80),
@@ -582,9 +715,8 @@ fn manifest_edits_steer_new_connections_and_established_ones_survive() {
 }
 
 /// Active repair: a deleted or flushed table is restored within one second.
-#[test]
-fn a_deleted_or_flushed_table_is_restored_within_a_second() {
-    let Some(mut c) = Cluster::new("repair") else {
+fn a_deleted_or_flushed_table_is_restored_within_a_second(mode: Mode) {
+    let Some(mut c) = Cluster::new("repair", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -609,50 +741,99 @@ fn a_deleted_or_flushed_table_is_restored_within_a_second() {
     );
     // Upstream kube-proxy's nftables mode left its tables here (mode switch, §2.1 step 4).
     c.nft("add table ip kube-proxy");
+    c.nft("add table ip6 kube-proxy");
     // ... and its iptables mode left chains and jumps (§13.6); kubelet's KUBE-FIREWALL stays.
     let leftovers = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y\nCOMMIT\n*filter\n:KUBE-FIREWALL - [0:0]\n:KUBE-FORWARD - [0:0]\n-A INPUT -j KUBE-FIREWALL\n-A FORWARD -j KUBE-FORWARD\nCOMMIT\n";
+    let restore = if mode == Mode::Nftables {
+        "iptables-restore".to_owned()
+    } else {
+        mode.tool(false, "-restore")
+    };
     c.lab.sh(
         &c.node,
-        &format!("printf '%s' '{leftovers}' | iptables-restore --noflush"),
+        &format!("printf '%s' '{leftovers}' | {restore} --noflush"),
     );
-    c.nft("add table ip6 kube-proxy");
+    if mode == Mode::Iptables {
+        // Our own nftables table from a run in nftables mode.
+        c.nft("add table ip kube-proxy-rs");
+    }
     c.start_proxy();
     let tables = c.nft("list tables");
-    let saved = c.lab.sh(&c.node, "iptables-save");
     assert!(
-        !saved.contains("KUBE-SERVICES")
-            && !saved.contains("KUBE-SVC-")
-            && !saved.contains("KUBE-FORWARD"),
-        "upstream's iptables chains are removed: {saved}"
+        !tables.contains("kube-proxy\n")
+            && tables.contains("kube-proxy-rs") == (mode == Mode::Nftables),
+        "upstream's tables (and ours in iptables mode) are removed on start: {tables}"
     );
-    assert!(
-        saved.contains("-A INPUT -j KUBE-FIREWALL"),
-        "kubelet's KUBE-FIREWALL is kept: {saved}"
-    );
-    assert!(
-        !tables.contains("kube-proxy\n"),
-        "upstream's tables are removed on start: {tables}"
-    );
-    for attack in [
-        "delete table ip kube-proxy-rs",
-        "flush ruleset",
-        "flush table ip kube-proxy-rs",
-    ] {
-        c.nft(attack);
-        let took = Lab::wait_for("the table to be restored", Duration::from_secs(3), || {
-            c.lab
-                .try_sh(&c.node, "nft list map ip kube-proxy-rs service-ips")
-                .status
-                .success()
-                && c.nft("list chain ip kube-proxy-rs masquerading")
-                    .contains("masquerade")
-                && c.nft("list map ip kube-proxy-rs service-ips")
-                    .contains("172.30.0.10")
+    let saved = c.rules();
+    if mode == Mode::Nftables {
+        let saved = c.lab.sh(&c.node, "iptables-save");
+        assert!(
+            !saved.contains("KUBE-SERVICES")
+                && !saved.contains("KUBE-SVC-")
+                && !saved.contains("KUBE-FORWARD"),
+            "upstream's iptables chains are removed: {saved}"
+        );
+        assert!(
+            saved.contains("-A INPUT -j KUBE-FIREWALL"),
+            "kubelet's KUBE-FIREWALL is kept: {saved}"
+        );
+    } else {
+        assert!(
+            !saved.contains("KUBE-SVC-NPX46M4PTMTKRN6Y"),
+            "upstream's stale service chain is deleted: {saved}"
+        );
+        let v4 = c.lab.sh(&c.node, &mode.tool(false, "-save -t nat"));
+        assert_eq!(
+            v4.matches("-A POSTROUTING").count(),
+            1,
+            "one jump to KUBE-POSTROUTING, ours: {v4}"
+        );
+        assert!(
+            saved.contains("-A INPUT -j KUBE-FIREWALL"),
+            "kubelet's KUBE-FIREWALL is kept: {saved}"
+        );
+    }
+    let attacks: &[String] = &match mode {
+        Mode::Nftables => [
+            "delete table ip kube-proxy-rs",
+            "flush ruleset",
+            "flush table ip kube-proxy-rs",
+        ]
+        .map(|a| format!("nft {a}"))
+        .to_vec(),
+        // T13.2, and what firewalld's reload does.
+        mode => [
+            format!("{} -t nat -F", mode.tool(false, "")),
+            format!("{} -F", mode.tool(false, "")),
+            format!(
+                "{0} -t nat -F && {0} -t nat -X && {0} -F && {0} -X",
+                mode.tool(false, "")
+            ),
+        ]
+        .to_vec(),
+    };
+    for attack in attacks {
+        c.lab.sh(&c.node, attack);
+        let took = Lab::wait_for("the rules to be restored", Duration::from_secs(3), || {
+            if mode == Mode::Nftables {
+                c.lab
+                    .try_sh(&c.node, "nft list map ip kube-proxy-rs service-ips")
+                    .status
+                    .success()
+                    && c.nft("list chain ip kube-proxy-rs masquerading")
+                        .contains("masquerade")
+                    && c.programmed("172.30.0.10")
+            } else {
+                let saved = c.rules();
+                saved.contains("MASQUERADE")
+                    && saved.contains("-j KUBE-FORWARD")
+                    && c.programmed("172.30.0.10")
+            }
         });
-        eprintln!("`nft {attack}`: rules restored after {took:?}");
+        eprintln!("`{attack}`: rules restored after {took:?}");
         assert!(
             took < Duration::from_secs(1),
-            "`nft {attack}`: restored after {took:?}"
+            "`{attack}`: restored after {took:?}"
         );
         assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
     }
@@ -672,14 +853,24 @@ fn nothing_is_programmed_outside_the_test_namespaces() {
         !String::from_utf8_lossy(&out.stdout).contains("kube-proxy-rs"),
         "a kube-proxy-rs table exists in the test's own namespace"
     );
+    // The Service IP every traffic test uses, in either iptables back end.
+    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+        let out = std::process::Command::new(save).output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        assert!(
+            !text.contains("172.30.0.10"),
+            "{save}: a test Service is programmed in the test's own namespace"
+        );
+    }
 }
 
 /// The proxy stops on SIGTERM leaving its rules in place (traffic keeps flowing while it is
 /// down), and a restart adopts the table without breaking an established connection (§2,
 /// issue 5's lifecycle; the data plane makes it possible).
-#[test]
-fn rules_survive_a_restart_and_established_connections_keep_working() {
-    let Some(mut c) = Cluster::new("restart") else {
+fn rules_survive_a_restart_and_established_connections_keep_working(mode: Mode) {
+    let Some(mut c) = Cluster::new("restart", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -697,11 +888,7 @@ fn rules_survive_a_restart_and_established_connections_keep_working() {
     Lab::wait_for("the proxy to stop", Duration::from_secs(5), || {
         c.logged("Shutting down")
     });
-    assert!(
-        c.nft("list map ip kube-proxy-rs service-ips")
-            .contains("172.30.0.10"),
-        "rules kept after SIGTERM"
-    );
+    assert!(c.programmed("172.30.0.10"), "rules kept after SIGTERM");
     assert_eq!(
         who(&c.lab.tcp(&client, "172.30.0.10", 80)),
         "pod1",
@@ -723,9 +910,8 @@ fn rules_survive_a_restart_and_established_connections_keep_working() {
 /// reachable, scaling moves new connections, a Service of another proxy is ignored; with the
 /// API server away the rules keep serving, and what was deleted meanwhile is gone after the
 /// relist that the expired resourceVersion (410) forces; deleting a Service removes it.
-#[test]
-fn api_server_source_end_to_end() {
-    let Some(mut c) = Cluster::new("api") else {
+fn api_server_source_end_to_end(mode: Mode) {
+    let Some(mut c) = Cluster::new("api", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -849,7 +1035,7 @@ fn api_server_source_end_to_end() {
 /// a DaemonSet pod sees them; the API server serves HTTPS and requires the token.
 #[test]
 fn in_cluster_service_account() {
-    let Some(mut c) = Cluster::new("incluster") else {
+    let Some(mut c) = Cluster::new("incluster", Mode::Nftables) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -922,9 +1108,8 @@ impl Cluster {
 /// headers and body; other paths 404 (T7.1.4); a Node tainted for deletion by the cluster
 /// autoscaler makes `/healthz` 503 with `"nodeEligible":false` while `/livez` stays 200
 /// (T7.1.3).
-#[test]
-fn t7_1_health_endpoints() {
-    let Some(mut c) = Cluster::new("health") else {
+fn t7_1_health_endpoints(mode: Mode) {
+    let Some(mut c) = Cluster::new("health", mode) else {
         return;
     };
     c.pod("pod1", "10.0.0.11", None);
@@ -989,10 +1174,10 @@ fn t7_1_health_endpoints() {
     );
 
     // §8 on 127.0.0.1:10249.
-    let mode = c.http_get(10249, "/proxyMode");
+    let proxy_mode = c.http_get(10249, "/proxyMode");
     assert!(
-        mode.starts_with("HTTP/1.1 200") && mode.ends_with("nftables"),
-        "T8.1: {mode}"
+        proxy_mode.starts_with("HTTP/1.1 200") && proxy_mode.ends_with(mode.flag()),
+        "T8.1: {proxy_mode}"
     );
     assert!(c.http_get(10249, "/healthz").ends_with("ok"));
     let metrics = c.http_get(10249, "/metrics");
@@ -1019,19 +1204,27 @@ fn t7_1_health_endpoints() {
         "T7.1.5"
     );
     assert!(value(r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}"#) >= 1.0);
-    assert!(
-        !metrics.contains("kubeproxy_sync_proxy_rules_iptables"),
-        "T8.4"
-    );
+    if mode == Mode::Nftables {
+        assert!(
+            !metrics.contains("kubeproxy_sync_proxy_rules_iptables"),
+            "T8.4"
+        );
+    } else {
+        // The iptables mode's series instead of the nftables mode's.
+        assert!(
+            value(r#"kubeproxy_sync_proxy_rules_iptables_total{ip_family="IPv4",table="nat"}"#)
+                > 0.0
+        );
+        assert!(!metrics.contains("kubeproxy_sync_proxy_rules_nftables"));
+    }
 }
 
 /// §7.2 with the real binary: a LoadBalancer Service with ETP=Local gets a server on its
 /// healthCheckNodePort (on the node's IP): 200 with the local ready endpoint count and
 /// upstream's headers and body (T7.2.1); 503 with only terminating local endpoints (T7.2.2);
 /// the port closes when the Service goes (T7.2.4).
-#[test]
-fn t7_2_health_check_node_port() {
-    let Some(mut c) = Cluster::new("hcnp") else {
+fn t7_2_health_check_node_port(mode: Mode) {
+    let Some(mut c) = Cluster::new("hcnp", mode) else {
         return;
     };
     c.pod("pod1", "10.0.0.11", None);
@@ -1097,9 +1290,8 @@ fn t7_2_health_check_node_port() {
 /// §2.4 `--cleanup`: after a run, and with rules of upstream kube-proxy's iptables and
 /// nftables modes present, it leaves no rule of ours or theirs (checked with `nft list
 /// ruleset` and `iptables-save`), keeps other tables, and exits 0.
-#[test]
-fn cleanup_removes_every_rule_of_ours_and_upstreams() {
-    let Some(mut c) = Cluster::new("cleanup") else {
+fn cleanup_removes_every_rule_of_ours_and_upstreams(mode: Mode) {
+    let Some(mut c) = Cluster::new("cleanup", mode) else {
         return;
     };
     c.pod("pod1", "10.0.0.11", None);
@@ -1114,12 +1306,12 @@ fn cleanup_removes_every_rule_of_ours_and_upstreams() {
         c.logged("Shutting down")
     });
     std::thread::sleep(Duration::from_millis(300));
-    assert!(c.nft("list ruleset").contains("table ip kube-proxy-rs"));
+    assert!(c.programmed("172.30.0.10"), "rules stay after SIGTERM");
     // Upstream's leftovers, and a table that is not ours.
     c.lab.sh(
         &c.node,
         "nft add table ip kube-proxy && nft add chain ip kube-proxy services && nft add table inet other && \
-         iptables -t nat -N KUBE-SERVICES && iptables -t nat -A PREROUTING -j KUBE-SERVICES && \
+         (iptables -t nat -N KUBE-SERVICES || true) && iptables -t nat -A PREROUTING -j KUBE-SERVICES && \
          iptables -t filter -N KUBE-FIREWALL",
     );
     let out = c.lab.try_sh(
@@ -1138,15 +1330,24 @@ fn cleanup_removes_every_rule_of_ours_and_upstreams() {
         ruleset.contains("table inet other"),
         "other tables stay: {ruleset}"
     );
-    let saved = c.lab.sh(&c.node, "iptables-save");
-    assert!(!saved.contains("KUBE-SERVICES"), "{saved}");
+    let saved = c.lab.sh(&c.node, "iptables-save; ip6tables-save");
+    assert!(
+        !saved.contains("KUBE-SERVICES")
+            && !saved.contains("KUBE-SEP-")
+            && !saved.contains("KUBE-PROXY-CANARY"),
+        "{saved}"
+    );
+    assert!(
+        saved.contains(":KUBE-FIREWALL"),
+        "kubelet's chain stays: {saved}"
+    );
 }
 
 /// §2.3: writing the `--config` file makes the process exit with upstream's message (its
 /// supervisor restarts it with the new file); the rules stay in place.
 #[test]
 fn a_changed_config_file_makes_the_process_exit() {
-    let Some(mut c) = Cluster::new("configz") else {
+    let Some(mut c) = Cluster::new("configz", Mode::Nftables) else {
         return;
     };
     c.pod("pod1", "10.0.0.11", None);
@@ -1182,7 +1383,7 @@ fn a_changed_config_file_makes_the_process_exit() {
 /// table goes with it, the next sync succeeds, and both are 200 again.
 #[test]
 fn t7_1_2_health_turns_unhealthy_while_syncs_fail_and_recovers() {
-    let Some(mut c) = Cluster::new("stuck") else {
+    let Some(mut c) = Cluster::new("stuck", Mode::Nftables) else {
         return;
     };
     c.pod("pod1", "10.0.0.11", None);
@@ -1225,9 +1426,8 @@ fn t7_1_2_health_turns_unhealthy_while_syncs_fail_and_recovers() {
 /// ClusterIP with two endpoints; the endpoint it reaches is removed; after the sync the stale
 /// conntrack entry is gone, so the next datagram of the same flow reaches the remaining
 /// endpoint, and the deletion is counted.
-#[test]
-fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes() {
-    let Some(mut c) = Cluster::new("conntrack") else {
+fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes(mode: Mode) {
+    let Some(mut c) = Cluster::new("conntrack", mode) else {
         return;
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
@@ -1289,7 +1489,7 @@ fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes() {
 /// size, global to the machine, are left alone outside the host's network namespace.
 #[test]
 fn t6_1_conntrack_sysctls_of_the_namespace_are_set() {
-    let Some(mut c) = Cluster::new("sysctl") else {
+    let Some(mut c) = Cluster::new("sysctl", Mode::Nftables) else {
         return;
     };
     c.lab.sh(&c.node, "sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_established=1234 net.netfilter.nf_conntrack_tcp_timeout_close_wait=56 || true");

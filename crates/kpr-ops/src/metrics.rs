@@ -1,7 +1,8 @@
 //! The metrics kube-proxy exports (§8), with upstream's names, types, label names and buckets,
 //! so dashboards and alerts keep working; and the text the metrics server sends.
 //!
-//! Only the nftables mode's set is registered (T8.4: no iptables series in nftables mode).
+//! Only the running mode's set is registered (T8.4: no iptables series in nftables mode, and
+//! no nftables series in iptables mode).
 //! Process metrics (`process_*`) come from the prometheus crate's process collector.
 
 use prometheus::{
@@ -43,6 +44,10 @@ pub struct Metrics {
     pub livez_total: IntCounterVec,
     pub nftables_sync_failures: IntCounterVec,
     pub nftables_cleanup_failures: IntCounterVec,
+    pub iptables_restore_failures: IntCounterVec,
+    pub iptables_partial_restore_failures: IntCounterVec,
+    pub iptables_total: prometheus::IntGaugeVec,
+    pub iptables_last: prometheus::IntGaugeVec,
     pub conntrack_sync_duration: HistogramVec,
     pub conntrack_deleted: CounterVec,
     pub start_time: Gauge,
@@ -57,8 +62,13 @@ fn hist(name: &str, help: &str, buckets: Vec<f64>) -> HistogramOpts {
 }
 
 impl Metrics {
-    /// All metrics, registered.
+    /// The nftables mode's metrics, registered.
     pub fn new() -> prometheus::Result<Metrics> {
+        Metrics::for_mode(false)
+    }
+
+    /// The metrics of the nftables mode, or of the iptables mode when `iptables`, registered.
+    pub fn for_mode(iptables: bool) -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let fam = &["ip_family"];
         let m = Metrics {
@@ -156,6 +166,34 @@ impl Metrics {
                 ),
                 fam,
             )?,
+            iptables_restore_failures: IntCounterVec::new(
+                alpha(
+                    "sync_proxy_rules_iptables_restore_failures_total",
+                    "Cumulative proxy iptables restore failures",
+                ),
+                fam,
+            )?,
+            iptables_partial_restore_failures: IntCounterVec::new(
+                alpha(
+                    "sync_proxy_rules_iptables_partial_restore_failures_total",
+                    "Cumulative proxy iptables partial restore failures",
+                ),
+                fam,
+            )?,
+            iptables_total: prometheus::IntGaugeVec::new(
+                alpha(
+                    "sync_proxy_rules_iptables_total",
+                    "Total number of iptables rules owned by kube-proxy",
+                ),
+                &["ip_family", "table"],
+            )?,
+            iptables_last: prometheus::IntGaugeVec::new(
+                alpha(
+                    "sync_proxy_rules_iptables_last",
+                    "Number of iptables rules written by kube-proxy in last sync",
+                ),
+                &["ip_family", "table"],
+            )?,
             conntrack_sync_duration: HistogramVec::new(
                 hist(
                     "conntrack_reconciler_sync_duration_seconds",
@@ -191,8 +229,15 @@ impl Metrics {
         r.register(Box::new(m.no_local_endpoints.clone()))?;
         r.register(Box::new(m.healthz_total.clone()))?;
         r.register(Box::new(m.livez_total.clone()))?;
-        r.register(Box::new(m.nftables_sync_failures.clone()))?;
-        r.register(Box::new(m.nftables_cleanup_failures.clone()))?;
+        if iptables {
+            r.register(Box::new(m.iptables_restore_failures.clone()))?;
+            r.register(Box::new(m.iptables_partial_restore_failures.clone()))?;
+            r.register(Box::new(m.iptables_total.clone()))?;
+            r.register(Box::new(m.iptables_last.clone()))?;
+        } else {
+            r.register(Box::new(m.nftables_sync_failures.clone()))?;
+            r.register(Box::new(m.nftables_cleanup_failures.clone()))?;
+        }
         r.register(Box::new(m.conntrack_sync_duration.clone()))?;
         r.register(Box::new(m.conntrack_deleted.clone()))?;
         let process = prometheus::process_collector::ProcessCollector::for_self();

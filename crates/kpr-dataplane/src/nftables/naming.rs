@@ -64,7 +64,7 @@ fn hashed(readable: &str) -> String {
 }
 
 /// RFC 4648 base32, upper case, no padding.
-fn base32(bytes: &[u8]) -> String {
+pub(crate) fn base32(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
     let (mut buf, mut bits) = (0u32, 0u32);
