@@ -656,7 +656,7 @@ fn log_report(r: &SyncReport) {
             if let Some(worst) = r.network_programming.iter().max() {
                 tracing::debug!(
                     changes = r.network_programming.len(),
-                    max_ms = worst.as_millis() as u64,
+                    max_us = worst.as_micros() as u64,
                     "Network programming latency"
                 );
             }
