@@ -13,6 +13,7 @@ use crate::topology::{EndpointInfo, Uses, categorize};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 /// Everything the kernel should do, both families.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -29,7 +30,9 @@ pub struct FamilyDesired {
     pub masquerade_all: bool,
     /// This node's IP of this family (§2.2), if known.
     pub node_ip: Option<IpAddr>,
-    pub ports: BTreeMap<ServicePortName, ServicePortDesired>,
+    /// Shared (`Arc`) so a backend's committed copy can keep the version it rendered at no
+    /// cost.
+    pub ports: BTreeMap<ServicePortName, Arc<ServicePortDesired>>,
 }
 
 /// An endpoint chosen for a service port.
@@ -237,7 +240,7 @@ fn insert_service(
                 external: None,
             };
             decide(&mut sp, &infos, node);
-            fam.ports.insert(name, sp);
+            fam.ports.insert(name, Arc::new(sp));
         }
     }
 }

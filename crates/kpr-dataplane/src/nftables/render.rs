@@ -17,11 +17,12 @@ use kpr_model::desired::{
 use kpr_model::node::LocalDetector;
 use kpr_model::{IpFamily, ServicePortName, SyncPlan};
 use kpr_nft::{
-    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, Map, Match, Op, Rule, Set, Statement,
-    Table, Transaction, Verdict,
+    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, L4Proto, Map, Match, Op, Rule, Set,
+    Statement, Table, Transaction, Verdict,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Which addresses accept NodePort traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,19 +81,78 @@ struct PortObjects {
     shared: BTreeSet<Shared>,
 }
 
-/// An object several ports may need.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// An object several ports may need, in a compact form (the committed copy counts
+/// references to about one per endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Shared {
-    Map(Map),
-    Element(Element),
+    /// The endpoint map of a protocol's shard.
+    Map(L4Proto, u32),
+    /// An element of a plain set (`cluster-ips`, `hairpin-endpoints`).
+    Element(&'static str, Key),
+}
+
+impl Shared {
+    fn map(self) -> Option<Map> {
+        match self {
+            Shared::Map(proto, shard) => Some(Map {
+                name: layout::endpoint_map(proto, shard),
+                key: KeyType::Bucket(proto),
+                comment: None,
+            }),
+            Shared::Element(..) => None,
+        }
+    }
+
+    fn element(self) -> Option<Element> {
+        match self {
+            Shared::Element(set, key) => Some(set_elem(set, key)),
+            Shared::Map(..) => None,
+        }
+    }
+
+    /// The operation that adds it.
+    fn op(self) -> Option<Op> {
+        self.map()
+            .map(Op::AddMap)
+            .or_else(|| self.element().map(Op::AddElement))
+    }
+}
+
+/// What a port was rendered from: enough to rebuild its objects exactly, so the committed
+/// copy costs a pointer per port instead of every rule and element (the desired state's
+/// `Arc` is shared with the model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PortRecord {
+    sp: Arc<ServicePortDesired>,
+    slot: Option<u32>,
+    /// Element keys another port owns, left out of this port's objects.
+    lost: Vec<(String, Key)>,
+}
+
+/// The family-wide facts a port's rules depend on (§4.9, §4.10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PortCtx {
+    detector: LocalDetector,
+    masquerade_all: bool,
+}
+
+impl PortCtx {
+    fn of(fam: &FamilyDesired) -> PortCtx {
+        PortCtx {
+            detector: fam.detector.clone(),
+            masquerade_all: fam.masquerade_all,
+        }
+    }
 }
 
 /// What the kernel holds after the last successful transaction, as far as this backend knows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rendered {
-    ports: BTreeMap<ServicePortName, PortObjects>,
+    ports: BTreeMap<ServicePortName, PortRecord>,
+    ctx: Option<PortCtx>,
     /// Which port owns each element key (two Services claiming one externalIP:port: the first
-    /// in name order wins; an element is never added twice).
+    /// in name order wins; an element is never added twice). Endpoint-map buckets are not
+    /// listed: slots make them unique.
     owners: BTreeMap<(String, Key), ServicePortName>,
     /// Each port's slot in the endpoint maps (see [`assign_slots`]).
     slots: BTreeMap<ServicePortName, u32>,
@@ -130,7 +190,8 @@ pub fn render(
     committed: &mut Rendered,
     plan: &SyncPlan,
 ) -> Transaction {
-    if plan.full || committed.config.as_ref() != Some(cfg) {
+    let ctx = PortCtx::of(fam);
+    if plan.full || committed.config.as_ref() != Some(cfg) || committed.ctx.as_ref() != Some(&ctx) {
         let (tx, next) = render_full(fam, cfg);
         *committed = next;
         return tx;
@@ -164,10 +225,11 @@ pub fn render(
     // element or slot can pass from one port to another in one sync.
     let mut olds = Vec::with_capacity(todo.len());
     for name in &todo {
-        let old = next.ports.remove(name).unwrap_or_default();
+        let old = next.objects(name);
+        next.ports.remove(name);
         for e in &old.shared {
             let present = next.shared.contains_key(e);
-            touched.entry(e.clone()).or_insert(present);
+            touched.entry(*e).or_insert(present);
         }
         next.release(name, &old);
         olds.push(old);
@@ -176,12 +238,13 @@ pub fn render(
         let built = fam
             .ports
             .get(name)
-            .map(|sp| build_port(sp, fam, next.slots.get(name).copied()));
+            .map(|sp| build_port(sp, &ctx, next.slots.get(name).copied()));
         for e in built.iter().flat_map(|b| &b.shared) {
             let present = next.shared.contains_key(e);
-            touched.entry(e.clone()).or_insert(present);
+            touched.entry(*e).or_insert(present);
         }
-        let new = built.map(|b| next.claim(name, b)).unwrap_or_default();
+        let slot = next.slots.get(name).copied();
+        let (new, lost) = built.map(|b| next.claim(name, b)).unwrap_or_default();
         del_elems.extend(old.elements.difference(&new.elements).cloned());
         add_elems.extend(new.elements.difference(&old.elements).cloned());
         for (chain, rules) in &new.chains {
@@ -202,17 +265,24 @@ pub fn render(
         );
         new_sets.extend(new.sets.difference(&old.sets).cloned());
         stale_sets.extend(old.sets.difference(&new.sets).map(|s| s.name.clone()));
-        if !new.chains.is_empty() || !new.shared.is_empty() {
-            next.ports.insert(name.clone(), new);
+        if let Some(sp) = fam.ports.get(name) {
+            next.ports.insert(
+                name.clone(),
+                PortRecord {
+                    sp: sp.clone(),
+                    slot,
+                    lost,
+                },
+            );
         }
     }
     for (s, before) in touched {
         let now = next.shared.contains_key(&s);
         match (s, before, now) {
-            (Shared::Element(e), true, false) => del_elems.push(e),
-            (Shared::Element(e), false, true) => add_elems.push(e),
-            (Shared::Map(m), true, false) => stale_sets.push(m.name),
-            (Shared::Map(m), false, true) => new_maps.push(m),
+            (s @ Shared::Element(..), true, false) => del_elems.extend(s.element()),
+            (s @ Shared::Element(..), false, true) => add_elems.extend(s.element()),
+            (s @ Shared::Map(..), true, false) => stale_sets.extend(s.map().map(|m| m.name)),
+            (s @ Shared::Map(..), false, true) => new_maps.extend(s.map()),
             _ => {}
         }
     }
@@ -265,11 +335,13 @@ pub fn render_cold(
     let mut out = Vec::new();
     let (mut current, mut reach) = (Vec::new(), Vec::new());
     let bounds: Vec<usize> = groups.into_iter().chain([tail]).collect();
+    // The operations move from the full transaction into the chunks: never two copies.
+    let mut ops = tx.ops.into_iter();
     let mut start = 0;
     for end in bounds {
-        let (verdicts, defs): (Vec<Op>, Vec<Op>) = tx.ops[start..end]
-            .iter()
-            .cloned()
+        let (verdicts, defs): (Vec<Op>, Vec<Op>) = ops
+            .by_ref()
+            .take(end - start)
             .partition(|op| matches!(op, Op::AddElement(e) if e.verdict.is_some()));
         if !current.is_empty() && current.len() + defs.len() > max_ops {
             out.push(chunk(std::mem::take(&mut current)));
@@ -278,7 +350,7 @@ pub fn render_cold(
         reach.extend(verdicts);
         start = end;
     }
-    for op in tx.ops[tail..].iter().cloned().chain(reach) {
+    for op in ops.chain(reach) {
         if current.len() >= max_ops {
             out.push(chunk(std::mem::take(&mut current)));
         }
@@ -339,8 +411,10 @@ fn render_full_grouped(
                 .map(|ip| Op::AddElement(set_elem(layout::NODEPORT_IPS, Key::Addr(ip)))),
         );
     }
+    let ctx = PortCtx::of(fam);
     let mut next = Rendered {
         config: Some(cfg.clone()),
+        ctx: Some(ctx.clone()),
         slots: assign_slots(fam.ports.keys(), cfg.endpoint_slots),
         ..Rendered::default()
     };
@@ -350,7 +424,8 @@ fn render_full_grouped(
     let mut tail = Vec::new();
     for (name, sp) in &fam.ports {
         groups.push(tx.ops.len());
-        let built = build_port(sp, fam, next.slots.get(name).copied());
+        let slot = next.slots.get(name).copied();
+        let built = build_port(sp, &ctx, slot);
         let (mut fresh_maps, mut fresh) = (Vec::new(), Vec::new());
         for s in built
             .shared
@@ -358,13 +433,13 @@ fn render_full_grouped(
             .filter(|s| !next.shared.contains_key(*s))
         {
             match s {
-                Shared::Map(m) => fresh_maps.push(Op::AddMap(m.clone())),
-                Shared::Element(e) => fresh.push(Op::AddElement(e.clone())),
+                Shared::Map(..) => fresh_maps.extend(s.op()),
+                Shared::Element(..) => fresh.extend(s.op()),
             }
         }
-        let objs = next.claim(name, built);
+        let (objs, lost) = next.claim(name, built);
         tx.ops.extend(fresh_maps);
-        tx.ops.extend(objs.sets.iter().cloned().map(Op::AddSet));
+        tx.ops.extend(objs.sets.into_iter().map(Op::AddSet));
         tx.ops.extend(objs.chains.keys().map(|c| {
             Op::AddChain(Chain {
                 name: c.clone(),
@@ -373,14 +448,20 @@ fn render_full_grouped(
             })
         }));
         tx.ops
-            .extend(objs.chains.values().flatten().cloned().map(Op::AddRule));
-        let (buckets, others): (Vec<&Element>, Vec<&Element>) =
-            objs.elements.iter().partition(|e| e.target.is_some());
-        tx.ops
-            .extend(others.into_iter().cloned().map(Op::AddElement));
-        tail.extend(buckets.into_iter().cloned().map(Op::AddElement));
+            .extend(objs.chains.into_values().flatten().map(Op::AddRule));
+        let (buckets, others): (Vec<Element>, Vec<Element>) =
+            objs.elements.into_iter().partition(|e| e.target.is_some());
+        tx.ops.extend(others.into_iter().map(Op::AddElement));
+        tail.extend(buckets.into_iter().map(Op::AddElement));
         tx.ops.extend(fresh);
-        next.ports.insert(name.clone(), objs);
+        next.ports.insert(
+            name.clone(),
+            PortRecord {
+                sp: sp.clone(),
+                slot,
+                lost,
+            },
+        );
     }
     let tail_start = tx.ops.len();
     tx.ops.extend(tail);
@@ -388,19 +469,45 @@ fn render_full_grouped(
 }
 
 impl Rendered {
-    /// Takes ownership of a port's element keys; keys another port owns are dropped from it.
-    fn claim(&mut self, name: &ServicePortName, mut objs: PortObjects) -> PortObjects {
+    /// Takes ownership of a port's element keys; keys another port owns are dropped from it
+    /// (and returned).
+    fn claim(
+        &mut self,
+        name: &ServicePortName,
+        mut objs: PortObjects,
+    ) -> (PortObjects, Vec<(String, Key)>) {
+        let mut lost = Vec::new();
         objs.elements.retain(|e| {
+            if e.target.is_some() {
+                return true;
+            }
             let owner = self
                 .owners
                 .entry((e.set.clone(), e.key))
                 .or_insert_with(|| name.clone());
+            if owner != name {
+                lost.push((e.set.clone(), e.key));
+            }
             owner == name
         });
         for e in &objs.shared {
-            *self.shared.entry(e.clone()).or_default() += 1;
+            *self.shared.entry(*e).or_default() += 1;
         }
-        objs
+        (objs, lost)
+    }
+
+    /// The objects a committed port holds in the kernel, rebuilt from what it was rendered
+    /// from (empty for a port not committed).
+    fn objects(&self, name: &ServicePortName) -> PortObjects {
+        let (Some(r), Some(ctx)) = (self.ports.get(name), &self.ctx) else {
+            return PortObjects::default();
+        };
+        let mut o = build_port(&r.sp, ctx, r.slot);
+        if !r.lost.is_empty() {
+            o.elements
+                .retain(|e| !r.lost.iter().any(|(s, k)| *s == e.set && *k == e.key));
+        }
+        o
     }
 
     fn release(&mut self, name: &ServicePortName, objs: &PortObjects) {
@@ -497,7 +604,7 @@ fn assign_slots<'a>(
 
 /// The chains, sets and elements of one service port (§4, §5 as decided by the model), in
 /// endpoint-map slot `slot`.
-fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -> PortObjects {
+fn build_port(sp: &ServicePortDesired, fam: &PortCtx, slot: Option<u32>) -> PortObjects {
     let base = naming::service_base(&sp.name);
     let comment = sp.name.to_string();
     let proto = l4(sp.protocol);
@@ -506,7 +613,7 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -
     let ext_chain = naming::chain("external", &base);
     let fw_chain = naming::chain("firewall", &base);
     let mut o = PortObjects::default();
-    let shared_elem = |set: &str, key| Shared::Element(set_elem(set, key));
+    let shared_elem = |set: &'static str, key| Shared::Element(set, key);
     o.shared
         .insert(shared_elem(layout::CLUSTER_IPS, Key::Addr(sp.cluster_ip)));
     for ep in &sp.endpoints {
@@ -670,11 +777,10 @@ fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, slot: Option<u32>) -
     }
     o.chains.extend(set_chains);
     if uses_map {
-        o.shared.insert(Shared::Map(Map {
-            name: map.into(),
-            key: KeyType::Bucket(proto),
-            comment: None,
-        }));
+        o.shared.insert(Shared::Map(
+            proto,
+            slot.unwrap_or_default() % layout::ENDPOINT_MAP_SHARDS,
+        ));
     }
 
     // ClusterIP.

@@ -86,7 +86,7 @@ impl Harness {
             .ports
             .iter()
             .find(|(k, _)| k.service.namespace == ns && k.service.name == svc && k.port == port)
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| (**v).clone())
     }
 
     pub fn trace(&self, pkt: Packet) -> Intent {
