@@ -13,6 +13,7 @@
 use super::naming::{endpoint_chain, service_chain};
 use super::rules::{IptTable, M, Rule, Target};
 use crate::nftables::NodePortAddrs;
+use crate::nftables::render::PortCtx;
 use ipnet::IpNet;
 use kpr_model::desired::{
     Endpoint, ExternalAction, FamilyDesired, InternalAction, ServicePortDesired,
@@ -22,6 +23,7 @@ use kpr_model::{IpFamily, Protocol, ServicePortName, SyncPlan};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub const SERVICES: &str = "KUBE-SERVICES";
 pub const EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
@@ -226,11 +228,21 @@ struct PortOut {
     top: Vec<(IptTable, Rule)>,
 }
 
+/// A committed port: what it was rendered from (its chains are rebuilt from it when
+/// needed, so the copy costs a pointer per port), its top-level rules and its rule count.
+#[derive(Debug, Clone, PartialEq)]
+struct PortRecord {
+    sp: Arc<ServicePortDesired>,
+    top: Vec<(IptTable, Rule)>,
+    chain_rules: usize,
+}
+
 /// What the kernel holds after the last successful restore, as far as this backend knows.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rendered {
     config: Option<IptConfig>,
-    ports: BTreeMap<ServicePortName, PortOut>,
+    ctx: Option<PortCtx>,
+    ports: BTreeMap<ServicePortName, PortRecord>,
     /// The top-level chains as committed.
     top: BTreeMap<ChainKey, Vec<Rule>>,
 }
@@ -252,19 +264,37 @@ impl Rendered {
             *out.entry(*t).or_default() += rules.len();
         }
         for p in self.ports.values() {
-            *out.entry(IptTable::Nat).or_default() +=
-                p.chains.values().map(Vec::len).sum::<usize>();
+            *out.entry(IptTable::Nat).or_default() += p.chain_rules;
         }
         out
+    }
+
+    /// A committed port's objects, rebuilt (empty when not committed).
+    fn port_out(&self, name: &ServicePortName) -> PortOut {
+        match (self.ports.get(name), &self.ctx, &self.config) {
+            (Some(r), Some(ctx), Some(cfg)) => build_port(&r.sp, ctx, cfg),
+            _ => PortOut::default(),
+        }
+    }
+
+    fn record(&mut self, name: &ServicePortName, sp: &Arc<ServicePortDesired>, o: &PortOut) {
+        self.ports.insert(
+            name.clone(),
+            PortRecord {
+                sp: sp.clone(),
+                top: o.top.clone(),
+                chain_rules: o.chains.values().map(Vec::len).sum(),
+            },
+        );
     }
 
     /// Every chain of ours with its rules, by (table, name), jumps from built-in chains
     /// included (as the built-in chains' only rules).
     pub fn all_chains(&self) -> BTreeMap<ChainKey, Vec<Rule>> {
         let mut out = self.top.clone();
-        for p in self.ports.values() {
-            for (c, rules) in &p.chains {
-                out.insert((IptTable::Nat, c.clone()), rules.clone());
+        for name in self.ports.keys() {
+            for (c, rules) in self.port_out(name).chains {
+                out.insert((IptTable::Nat, c), rules);
             }
         }
         if let Some(cfg) = &self.config {
@@ -350,7 +380,11 @@ pub fn render(
     plan: &SyncPlan,
     existing: Option<&Existing>,
 ) -> Restore {
-    let full = plan.full || committed.config.as_ref() != Some(cfg) || existing.is_some();
+    let ctx = PortCtx::of(fam);
+    let full = plan.full
+        || committed.config.as_ref() != Some(cfg)
+        || committed.ctx.as_ref() != Some(&ctx)
+        || existing.is_some();
     if full {
         let empty = Existing::default();
         return render_full(fam, cfg, committed, existing.unwrap_or(&empty));
@@ -359,11 +393,12 @@ pub fn render(
     let mut delete: BTreeSet<ChainKey> = BTreeSet::new();
     let mut top_changed: BTreeSet<ChainKey> = BTreeSet::new();
     for name in &plan.changed_ports {
-        let old = committed.ports.remove(name).unwrap_or_default();
+        let old = committed.port_out(name);
+        committed.ports.remove(name);
         let new = fam
             .ports
             .get(name)
-            .map(|sp| build_port(sp, fam, cfg))
+            .map(|sp| build_port(sp, &ctx, cfg))
             .unwrap_or_default();
         for (chain, rules) in &new.chains {
             if old.chains.get(chain) != Some(rules) {
@@ -377,8 +412,8 @@ pub fn render(
             top_changed.extend(old.top.iter().map(|(t, r)| (*t, r.chain.clone())));
             top_changed.extend(new.top.iter().map(|(t, r)| (*t, r.chain.clone())));
         }
-        if fam.ports.contains_key(name) {
-            committed.ports.insert(name.clone(), new);
+        if let Some(sp) = fam.ports.get(name) {
+            committed.record(name, sp, &new);
         }
     }
     if !top_changed.is_empty() {
@@ -405,34 +440,41 @@ fn render_full(
     committed: &mut Rendered,
     existing: &Existing,
 ) -> Restore {
+    let ctx = PortCtx::of(fam);
     let mut next = Rendered {
         config: Some(cfg.clone()),
+        ctx: Some(ctx.clone()),
         ..Rendered::default()
     };
+    let mut write: BTreeMap<ChainKey, Vec<Rule>> = BTreeMap::new();
     for (name, sp) in &fam.ports {
-        next.ports.insert(name.clone(), build_port(sp, fam, cfg));
-    }
-    next.top = top_chains(fam, cfg, &next);
-    let mut write: BTreeMap<ChainKey, Vec<Rule>> = next.top.clone();
-    for p in next.ports.values() {
-        for (chain, rules) in &p.chains {
-            write.insert((IptTable::Nat, chain.clone()), rules.clone());
+        let o = build_port(sp, &ctx, cfg);
+        next.record(name, sp, &o);
+        for (chain, rules) in o.chains {
+            write.insert((IptTable::Nat, chain), rules);
         }
     }
+    next.top = top_chains(fam, cfg, &next);
+    write.extend(next.top.clone());
     // Service chains in the kernel that nothing uses any more (a previous run, or a sync
-    // whose result we lost) go in the same restore.
-    let known: BTreeSet<&String> = committed
-        .ports
-        .values()
-        .flat_map(|p| p.chains.keys())
-        .collect();
+    // whose result we lost) go in the same restore. Without a listing of the kernel, the
+    // committed copy says which chains are there.
+    let known: BTreeSet<String> = if existing.chains.is_empty() {
+        committed
+            .ports
+            .keys()
+            .flat_map(|n| committed.port_out(n).chains.into_keys())
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
     let mut delete: BTreeSet<ChainKey> = BTreeSet::new();
     let in_kernel = existing
         .chains
         .get(&IptTable::Nat)
         .into_iter()
         .flatten()
-        .chain(known);
+        .chain(&known);
     for chain in in_kernel {
         let ours = SERVICE_CHAIN_PREFIXES.iter().any(|p| chain.starts_with(p));
         let key = (IptTable::Nat, chain.clone());
@@ -724,7 +766,7 @@ fn jump(chain: &str) -> Target {
 }
 
 /// The chains and top-level rules of one service port (§4, §5 as decided by the model).
-fn build_port(sp: &ServicePortDesired, fam: &FamilyDesired, cfg: &IptConfig) -> PortOut {
+fn build_port(sp: &ServicePortDesired, fam: &PortCtx, cfg: &IptConfig) -> PortOut {
     let name = &sp.name;
     let comment = name.to_string();
     let proto: Protocol = sp.protocol;

@@ -131,13 +131,13 @@ struct PortRecord {
 
 /// The family-wide facts a port's rules depend on (§4.9, §4.10).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct PortCtx {
-    detector: LocalDetector,
-    masquerade_all: bool,
+pub(crate) struct PortCtx {
+    pub(crate) detector: LocalDetector,
+    pub(crate) masquerade_all: bool,
 }
 
 impl PortCtx {
-    fn of(fam: &FamilyDesired) -> PortCtx {
+    pub(crate) fn of(fam: &FamilyDesired) -> PortCtx {
         PortCtx {
             detector: fam.detector.clone(),
             masquerade_all: fam.masquerade_all,
