@@ -1,9 +1,11 @@
-//! The nftables rules do what the model intends: every behaviour-reference case of §4 and §5,
-//! traced through the rendered typed rules, gives exactly the model's intent (DNAT targets with
-//! masquerade, DROP, REJECT, PASS). Plus a property: for random clusters and packets, the
-//! tracer over the rules agrees with the model.
+//! The rules of both backends do what the model intends: every behaviour-reference case of §4
+//! and §5 is rendered with the nftables and with the iptables backend, traced through each
+//! backend's typed rules, and gives exactly the model's intent (DNAT targets with masquerade,
+//! DROP, REJECT, PASS). The two intents differ in one place (§4.8): an undefined port on a
+//! ClusterIP is REJECTed by nftables and PASSed by iptables. Plus a property: for random clusters and packets, each backend's tracer agrees with the model.
 #![allow(clippy::unwrap_used)]
 
+use kpr_dataplane::iptables::{IptConfig, Rendered as IptRendered, render as ipt_render};
 use kpr_dataplane::nftables::trace::{Outcome, TracePacket, TxView, trace};
 use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, render};
 use kpr_model::intent::{HostView, Intent, Packet, intent};
@@ -13,10 +15,35 @@ use kpr_testkit::*;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+/// The outcomes of one packet: (nftables, iptables).
+type Both = (BTreeSet<Outcome>, BTreeSet<Outcome>);
+
+/// The same outcomes for both backends.
+fn same(o: BTreeSet<Outcome>) -> Both {
+    (o.clone(), o)
+}
+
+fn to_outcomes(want: Intent) -> BTreeSet<Outcome> {
+    match want {
+        Intent::Dnat(ts) => ts
+            .into_iter()
+            .map(|t| Outcome::Dnat {
+                to: t.addr,
+                masquerade: t.masquerade,
+            })
+            .collect(),
+        Intent::Drop => [Outcome::Drop].into(),
+        Intent::Reject => [Outcome::Reject].into(),
+        Intent::Pass => [Outcome::Pass { masquerade: false }].into(),
+    }
+}
+
 struct H {
     t: Trackers,
     mode: DetectLocalMode,
     masquerade_all: bool,
+    /// `nodePortAddresses` unset (every local address but loopback) instead of the node IP.
+    node_ports_all: bool,
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -29,6 +56,7 @@ impl H {
             t: Trackers::new(),
             mode: DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]),
             masquerade_all: false,
+            node_ports_all: false,
         }
     }
     fn svc(&mut self, s: ServiceBuilder) -> &mut Self {
@@ -50,7 +78,7 @@ impl H {
     fn local_ips() -> Vec<IpAddr> {
         vec![ip(NODE_IP), ip("127.0.0.1"), ip("192.168.1.2")]
     }
-    /// Checks one packet: the rules' outcomes equal the model's intent.
+    /// Checks one packet with both backends: each one's rules give that backend's intent.
     fn check(
         &self,
         src: &str,
@@ -59,57 +87,55 @@ impl H {
         dst: &str,
         port: u16,
         proto: Protocol,
-    ) -> BTreeSet<Outcome> {
+    ) -> Both {
         let node = self.t.state().node();
         let ctx = NodeContext::new(NODE, node);
         let policy = ProxyPolicy::new(self.masquerade_all, &self.mode, node);
         let d = desired(self.t.state(), &ctx, &policy);
         let fam = &d.families[&IpFamily::V4];
-        let cfg = NftConfig::new(IpFamily::V4, 14, NodePortAddrs::List(vec![ip(NODE_IP)]));
-        let tx = render(fam, &cfg, &mut Rendered::default(), &SyncPlan::full());
-        let view = TxView::from_full(&tx);
-        let proto_nft = kpr_dataplane::nftables::layout::l4(proto);
+        let node_ports = if self.node_ports_all {
+            NodePortAddrs::All
+        } else {
+            NodePortAddrs::List(vec![ip(NODE_IP)])
+        };
         let pkt = TracePacket {
             src: ip(src),
             iif: iif.map(str::to_owned),
             from_host,
             dst: ip(dst),
-            proto: proto_nft,
+            proto: kpr_dataplane::nftables::layout::l4(proto),
             port,
             local_ips: H::local_ips(),
         };
-        let got = trace(&view, &pkt);
-        let host = HostView {
-            node_port_ips: Some(vec![ip(NODE_IP)]),
+        let packet = Packet {
+            src: ip(src),
+            iif: iif.map(str::to_owned),
+            from_host,
+            dst: ip(dst),
+            protocol: proto,
+            port,
+        };
+        let host = |reject_unknown_cluster_ports| HostView {
+            node_port_ips: (!self.node_ports_all).then(|| vec![ip(NODE_IP)]),
             local_ips: H::local_ips(),
-            reject_unknown_cluster_ports: true,
+            reject_unknown_cluster_ports,
         };
-        let want = intent(
-            fam,
-            &host,
-            &Packet {
-                src: ip(src),
-                iif: iif.map(str::to_owned),
-                from_host,
-                dst: ip(dst),
-                protocol: proto,
-                port,
-            },
-        );
-        let want: BTreeSet<Outcome> = match want {
-            Intent::Dnat(ts) => ts
-                .into_iter()
-                .map(|t| Outcome::Dnat {
-                    to: t.addr,
-                    masquerade: t.masquerade,
-                })
-                .collect(),
-            Intent::Drop => [Outcome::Drop].into(),
-            Intent::Reject => [Outcome::Reject].into(),
-            Intent::Pass => [Outcome::Pass { masquerade: false }].into(),
-        };
-        assert_eq!(got, want, "{src} -> {dst}:{port}/{proto}");
-        got
+        let what = format!("{src} -> {dst}:{port}/{proto}");
+
+        let cfg = NftConfig::new(IpFamily::V4, 14, node_ports.clone());
+        let tx = render(fam, &cfg, &mut Rendered::default(), &SyncPlan::full());
+        let nft = trace(&TxView::from_full(&tx), &pkt);
+        let want = to_outcomes(intent(fam, &host(true), &packet));
+        assert_eq!(nft, want, "nftables: {what}");
+
+        let cfg = IptConfig::new(IpFamily::V4, 14, node_ports);
+        let mut rendered = IptRendered::default();
+        ipt_render(fam, &cfg, &mut rendered, &SyncPlan::full(), None);
+        let chains = kpr_dataplane::iptables::trace::chains(&rendered);
+        let ipt = kpr_dataplane::iptables::trace::trace(&chains, &pkt);
+        let want = to_outcomes(intent(fam, &host(false), &packet));
+        assert_eq!(ipt, want, "iptables: {what}");
+        (nft, ipt)
     }
 }
 
@@ -151,15 +177,23 @@ fn t4_1_cluster_ip_pods_hosts_and_unknown_ports() {
         .slice(eps(true, true));
     assert_eq!(
         h.check(POD, Some("veth1"), false, CIP, 80, Protocol::Tcp),
-        dnat(&["10.0.0.2:8080", "10.0.1.2:8080"], false)
+        same(dnat(&["10.0.0.2:8080", "10.0.1.2:8080"], false))
     );
     h.check(NODE_IP, None, true, CIP, 80, Protocol::Tcp);
     h.check("10.0.0.2", Some("veth2"), false, CIP, 80, Protocol::Tcp); // hairpin
+    // An undefined port on a ClusterIP (§4.8): nftables REJECTs, iptables PASSes.
+    let unknown_port = (
+        [Outcome::Reject].into(),
+        [Outcome::Pass { masquerade: false }].into(),
+    );
     assert_eq!(
         h.check(POD, Some("veth1"), false, CIP, 81, Protocol::Tcp),
-        [Outcome::Reject].into()
+        unknown_port
     );
-    h.check(NODE_IP, None, true, CIP, 81, Protocol::Tcp);
+    assert_eq!(
+        h.check(NODE_IP, None, true, CIP, 81, Protocol::Tcp),
+        unknown_port
+    );
     h.masquerade_all = true;
     h.check(POD, Some("veth1"), false, CIP, 80, Protocol::Tcp);
 }
@@ -213,6 +247,69 @@ fn t4_3_itp_local_and_t4_8_no_endpoints() {
     }
 }
 
+/// §4.8 for a host process: the frontends of a Service without endpoints are REJECTed in both
+/// backends, also a non-local externalIP (iptables: filter KUBE-SERVICES, as OUTPUT does not
+/// reach KUBE-EXTERNAL-SERVICES) and an LB IP whose source ranges exclude the host.
+#[test]
+fn t4_8_host_to_the_external_frontends_of_a_service_without_endpoints() {
+    let mut h = H::new();
+    h.svc(
+        service("ns", "svc")
+            .cluster_ip(CIP)
+            .external_ip(EXTERNAL_IP)
+            .lb(LB_IP, None)
+            .source_range("192.0.2.0/24")
+            .node_port("p80", 80, "TCP", 3001),
+    )
+    .slice(eps(false, false));
+    let reject: BTreeSet<Outcome> = [Outcome::Reject].into();
+    assert_eq!(
+        h.check(NODE_IP, None, true, EXTERNAL_IP, 80, Protocol::Tcp),
+        same(reject.clone())
+    );
+    assert_eq!(
+        h.check(NODE_IP, None, true, LB_IP, 80, Protocol::Tcp),
+        same(reject.clone())
+    );
+    assert_eq!(
+        h.check(NODE_IP, None, true, NODE_IP, 3001, Protocol::Tcp),
+        same(reject.clone())
+    );
+    assert_eq!(
+        h.check(NODE_IP, None, true, CIP, 80, Protocol::Tcp),
+        same(reject.clone())
+    );
+    for dst in [EXTERNAL_IP, NODE_IP] {
+        let port = if dst == NODE_IP { 3001 } else { 80 };
+        assert_eq!(
+            h.check(
+                EXTERNAL_CLIENT,
+                Some("eth0"),
+                false,
+                dst,
+                port,
+                Protocol::Tcp
+            ),
+            same(reject.clone())
+        );
+    }
+    assert_eq!(
+        h.check("192.0.2.9", Some("eth0"), false, LB_IP, 80, Protocol::Tcp),
+        same(reject)
+    );
+    assert_eq!(
+        h.check(
+            EXTERNAL_CLIENT,
+            Some("eth0"),
+            false,
+            LB_IP,
+            80,
+            Protocol::Tcp
+        ),
+        same([Outcome::Drop].into())
+    );
+}
+
 #[test]
 fn t4_4_node_ports_only_on_accepted_addresses() {
     let mut h = H::new();
@@ -235,7 +332,7 @@ fn t4_4_node_ports_only_on_accepted_addresses() {
             3001,
             Protocol::Udp
         ),
-        dnat(&["10.0.1.2:53"], true)
+        same(dnat(&["10.0.1.2:53"], true))
     );
     assert_eq!(
         h.check(
@@ -246,7 +343,7 @@ fn t4_4_node_ports_only_on_accepted_addresses() {
             3001,
             Protocol::Udp
         ),
-        [Outcome::Pass { masquerade: false }].into()
+        same([Outcome::Pass { masquerade: false }].into())
     );
     h.check(
         EXTERNAL_CLIENT,
@@ -278,7 +375,7 @@ fn t4_6_source_ranges() {
             80,
             Protocol::Tcp
         ),
-        [Outcome::Drop].into()
+        same([Outcome::Drop].into())
     );
     h.check("192.0.2.9", Some("eth0"), false, LB_IP, 80, Protocol::Tcp);
     h.check(
@@ -309,7 +406,7 @@ fn t5_terminating_topology_and_affinity() {
     );
     assert_eq!(
         h.check(POD, Some("veth1"), false, CIP, 80, Protocol::Tcp),
-        dnat(&["10.0.0.1:8080", "10.0.1.1:8080"], false)
+        same(dnat(&["10.0.0.1:8080", "10.0.1.1:8080"], false))
     );
 }
 
@@ -369,15 +466,17 @@ mod properties {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
-        /// For random Services and packets, the rendered rules agree with the model's intent.
+        /// For random Services and packets, the rules of both backends agree with their intents.
         #[test]
         fn rules_agree_with_intent(
             services in prop::collection::vec((0u8..4, 0u8..128, prop::collection::vec((0u8..5, 0u8..3), 0..4)), 1..4),
             detector in 0u8..3,
             masquerade_all in any::<bool>(),
+            node_ports_all in any::<bool>(),
         ) {
             let mut h = H::new();
             h.masquerade_all = masquerade_all;
+            h.node_ports_all = node_ports_all;
             h.mode = match detector {
                 0 => DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]),
                 1 => DetectLocalMode::ClusterCidr(vec![]),
@@ -391,7 +490,7 @@ mod properties {
                 let dsts = [
                     (format!("172.30.0.{}", id + 1), 80), (format!("172.30.0.{}", id + 1), 53), (format!("172.30.0.{}", id + 1), 99),
                     (format!("1.2.3.{}", id + 1), 81), (format!("192.168.99.{}", id + 1), 80),
-                    (NODE_IP.to_owned(), 3000 + u16::from(*id)), (NODE_IP.to_owned(), 3100 + u16::from(*id)), ("192.168.1.2".to_owned(), 3000 + u16::from(*id)),
+                    (NODE_IP.to_owned(), 3000 + u16::from(*id)), (NODE_IP.to_owned(), 3100 + u16::from(*id)), ("192.168.1.2".to_owned(), 3000 + u16::from(*id)), ("127.0.0.1".to_owned(), 3000 + u16::from(*id)),
                 ];
                 for (src, iif, host) in sources {
                     for (dst, port) in &dsts {

@@ -922,13 +922,28 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, cfg: &IptConfig) -> PortOu
                 .push(filter(EXTERNAL_SERVICES, target.clone(), what, ip));
         }
         o.top.extend(node_port_rules(target.clone(), what));
+        // Host processes reach external IPs through OUTPUT, which KUBE-EXTERNAL-SERVICES is
+        // not hooked to: without endpoints they are refused in filter KUBE-SERVICES (§4.8).
+        if external == ExternalAction::Reject {
+            for ip in ext_ips() {
+                o.top.push(filter(SERVICES, Target::Reject, what, ip));
+            }
+        }
     }
     // Source ranges (§4.6): traffic to an LB IP that KUBE-FW did not DNAT is dropped. Without
-    // endpoints, allowed sources return to be refused instead.
+    // endpoints, allowed sources and host processes return to be refused instead.
     if firewall {
         let what = format!("traffic not accepted by {fw}");
         for ip in &sp.load_balancer_ips {
             if external == ExternalAction::Reject {
+                let (t, r) = filter(PROXY_FIREWALL, Target::Return, &what, *ip);
+                o.top.push((
+                    t,
+                    r.m(M::AddrTypeLocal {
+                        src: true,
+                        negate: false,
+                    }),
+                ));
                 for net in &sp.firewall_allow {
                     let (t, r) = filter(PROXY_FIREWALL, Target::Return, &what, *ip);
                     o.top.push((

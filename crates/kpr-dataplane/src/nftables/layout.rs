@@ -37,7 +37,7 @@ pub const NODEPORT_IPS: &str = "nodeport-ips";
 /// a rule that starts using a map makes the kernel walk every element of it, so each holds
 /// only a share of the endpoints; there are few enough that the kernel's linear search for a
 /// set by name stays cheap.
-pub const ENDPOINT_MAP_SHARDS: u32 = 32;
+pub const ENDPOINT_MAP_SHARDS: u32 = 128;
 
 /// The endpoint map of a protocol's shard (their `typeof` names the protocol's `dport`).
 pub fn endpoint_map(p: L4Proto, shard: u32) -> String {
