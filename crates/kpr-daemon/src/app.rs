@@ -299,6 +299,19 @@ fn dry_run(cfg: SyncConfig, dir: &Path, proxy: &ProxyConfig) -> anyhow::Result<(
                 &ctx
             )
         );
+    } else {
+        let ctx = state.node_context();
+        println!("# the iptables-restore input this produces (a full sync, per family)\n");
+        print!(
+            "{}",
+            crate::dataplane::iptables_text(
+                state.desired(),
+                proxy.masquerade_bit,
+                &proxy.node_port_addresses,
+                proxy.localhost_node_ports,
+                &ctx
+            )
+        );
     }
     Ok(())
 }

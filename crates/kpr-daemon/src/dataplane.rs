@@ -402,6 +402,34 @@ pub fn ruleset_text(
     out
 }
 
+/// The `iptables-restore` input of a full sync of each family (for `--dry-run`).
+pub fn iptables_text(
+    desired: &DesiredState,
+    masquerade_bit: u8,
+    node_ports: &NodePortAddresses,
+    localhost_node_ports: bool,
+    ctx: &NodeContext,
+) -> String {
+    let mut out = String::new();
+    for (family, fam) in &desired.families {
+        let mut cfg = ipt::IptConfig::new(
+            *family,
+            masquerade_bit,
+            node_port_addrs(node_ports, *family, ctx),
+        );
+        cfg.localhost_node_ports = localhost_node_ports;
+        let restore = ipt::render(
+            fam,
+            &cfg,
+            &mut ipt::Rendered::default(),
+            &SyncPlan::full(),
+            Some(&ipt::Existing::default()),
+        );
+        out.push_str(&format!("# {family}\n{}", restore.text));
+    }
+    out
+}
+
 /// This host's interface addresses (for `nodePortAddresses` CIDRs), read with `ip -o addr`.
 fn local_addresses() -> Vec<IpAddr> {
     let Ok(out) = std::process::Command::new("ip")

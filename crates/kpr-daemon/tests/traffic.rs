@@ -1507,3 +1507,57 @@ fn t6_1_conntrack_sysctls_of_the_namespace_are_set() {
         "nf_conntrack_max left alone"
     );
 }
+
+/// §2.1 step 4 both ways: the proxy runs in iptables mode, is stopped and started in nftables
+/// mode (the iptables rules go, the table comes, traffic flows), then back in iptables mode
+/// (the table goes).
+#[test]
+fn switching_modes_removes_the_other_modes_rules() {
+    let Some(mut c) = Cluster::new("switch", Mode::Iptables) else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", None);
+    c.pod("pod1", "10.0.0.11", None);
+    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    c.manifest(
+        "eps.yaml",
+        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS),
+    );
+    let stop = |c: &Cluster, pid: u32| {
+        let before = std::fs::read_to_string(&c.log)
+            .unwrap_or_default()
+            .matches("Shutting down")
+            .count();
+        c.lab.sh(&c.node, &format!("kill -TERM {pid}"));
+        Lab::wait_for("the proxy to stop", Duration::from_secs(5), || {
+            std::fs::read_to_string(&c.log)
+                .unwrap_or_default()
+                .matches("Shutting down")
+                .count()
+                > before
+        });
+    };
+    let pid = c.start_proxy();
+    assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
+    stop(&c, pid);
+
+    c.mode = Mode::Nftables;
+    let pid = c.start_proxy();
+    let saved = c.lab.sh(&c.node, "iptables-save; ip6tables-save");
+    assert!(
+        !saved.contains("KUBE-SERVICES") && !saved.contains("KUBE-SEP-"),
+        "the iptables mode's rules are gone: {saved}"
+    );
+    assert!(c.programmed("172.30.0.10"));
+    assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
+    stop(&c, pid);
+
+    c.mode = Mode::Iptables;
+    c.start_proxy();
+    assert!(
+        !c.nft("list tables").contains("kube-proxy-rs"),
+        "the nftables mode's table is gone"
+    );
+    assert!(c.programmed("172.30.0.10"));
+    assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
+}

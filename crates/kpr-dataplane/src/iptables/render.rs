@@ -882,7 +882,7 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, cfg: &IptConfig) -> PortOu
         o.top.push((
             IptTable::Filter,
             Rule::new(NODEPORTS, Target::Accept)
-                .comment(format!("{} health check node port", name.service))
+                .comment(format!("{comment} health check node port"))
                 .m(M::Proto(Protocol::Tcp))
                 .m(M::Dport(hc)),
         ));
