@@ -104,18 +104,21 @@ pub async fn run(
         Api::all(client.clone()),
         watcher::Config::default().labels(SELECTOR),
         tx.clone(),
+        lean_service,
         |u| Some(Input::Services(u)),
     );
     let slices = watch_kind::<EndpointSlice>(
         Api::all(client.clone()),
         watcher::Config::default().labels(SELECTOR),
         tx.clone(),
+        lean_slice,
         |u| Some(Input::Slices(u)),
     );
     let node = watch_kind::<Node>(
         Api::all(client),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
         tx,
+        lean_node,
         |u| match u {
             Update::Apply(n) => Some(Input::Node(Some(Box::new(n)))),
             Update::Delete(_) => Some(Input::Node(None)),
@@ -130,11 +133,51 @@ pub async fn run(
     }
 }
 
-/// One watcher: events folded into `Update`s (a relist into one `Replace`), sent through `to`.
+/// Drops what the proxy never reads from an object before it is kept (upstream's informers
+/// strip managed fields the same way): managed fields, owner references, finalizers, and every
+/// annotation but the EndpointSlice trigger time (`kubectl apply`'s last-applied copy alone
+/// can double an object). Labels are kept (selectors, topology).
+fn lean_meta(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    if let Some(a) = &mut meta.annotations {
+        a.retain(|k, _| k == "endpoints.kubernetes.io/last-change-trigger-time");
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+fn lean_slice(s: &mut EndpointSlice) {
+    lean_meta(&mut s.metadata);
+    for e in &mut s.endpoints {
+        e.target_ref = None;
+        e.deprecated_topology = None;
+        e.hostname = None;
+    }
+}
+
+fn lean_service(s: &mut Service) {
+    lean_meta(&mut s.metadata);
+}
+
+fn lean_node(n: &mut Node) {
+    lean_meta(&mut n.metadata);
+    if let Some(st) = &mut n.status {
+        st.images = None;
+        st.volumes_attached = None;
+        st.volumes_in_use = None;
+    }
+}
+
+/// One watcher: events folded into `Update`s (a relist into one `Replace`), sent through `to`;
+/// each object is made lean first.
 async fn watch_kind<K>(
     api: Api<K>,
     cfg: watcher::Config,
     tx: mpsc::Sender<Input>,
+    lean: fn(&mut K),
     to: impl Fn(Update<K>) -> Option<Input>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
@@ -158,7 +201,8 @@ async fn watch_kind<K>(
                 listing = Some(Vec::new());
                 continue;
             }
-            Ok(Event::InitApply(obj)) => {
+            Ok(Event::InitApply(mut obj)) => {
+                lean(&mut obj);
                 listing.get_or_insert_with(Vec::new).push(obj);
                 continue;
             }
@@ -167,7 +211,10 @@ async fn watch_kind<K>(
                 tracing::debug!(kind = %kind, objects = all.len(), "Listed");
                 Update::Replace(all)
             }
-            Ok(Event::Apply(obj)) => Update::Apply(obj),
+            Ok(Event::Apply(mut obj)) => {
+                lean(&mut obj);
+                Update::Apply(obj)
+            }
             Ok(Event::Delete(obj)) => {
                 let meta = obj.meta();
                 Update::Delete(ObjectKey::new(
@@ -185,5 +232,50 @@ async fn watch_kind<K>(
         {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the model reads survives; the rest (managed fields, other annotations, target
+    /// references) is gone.
+    #[test]
+    fn lean_objects_keep_what_the_model_reads() {
+        let mut s: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-1", "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"},
+                "annotations": {
+                    "endpoints.kubernetes.io/last-change-trigger-time": "2026-12-01T08:00:00Z",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{...}"
+                },
+                "managedFields": [{"manager": "kube-controller-manager"}],
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u"}]
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "node-a", "zone": "a",
+                "targetRef": {"kind": "Pod", "name": "web-abc", "namespace": "default"},
+                "conditions": {"ready": true}}]
+        }))
+        .unwrap();
+        lean_slice(&mut s);
+        let m = &s.metadata;
+        assert!(m.managed_fields.is_none() && m.owner_references.is_none());
+        assert_eq!(
+            m.annotations
+                .as_ref()
+                .map(|a| a.keys().cloned().collect::<Vec<_>>()),
+            Some(vec![
+                "endpoints.kubernetes.io/last-change-trigger-time".to_owned()
+            ])
+        );
+        assert_eq!(m.labels.as_ref().map(|l| l.len()), Some(1));
+        let e = &s.endpoints[0];
+        assert!(e.target_ref.is_none());
+        assert_eq!(e.node_name.as_deref(), Some("node-a"));
+        assert_eq!(e.zone.as_deref(), Some("a"));
+        assert_eq!(e.conditions.as_ref().and_then(|c| c.ready), Some(true));
     }
 }
