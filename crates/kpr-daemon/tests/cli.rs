@@ -172,26 +172,30 @@ fn dry_run_on_the_examples_prints_the_desired_state_and_skips_the_broken_object(
     insta::assert_snapshot!("dry_run_examples", stdout);
 }
 
-/// The long-running mode follows the manifest directory and stops cleanly on SIGTERM.
+/// The long-running mode follows the manifest directory and stops cleanly on SIGTERM. It runs
+/// in a network namespace of its own: the proxy programs the namespace it runs in, and the
+/// network safety rule keeps tests out of the machine's.
 #[test]
 fn running_follows_the_directory_and_stops_on_sigterm() {
     use std::io::{BufRead, BufReader};
+    let Some(mut lab) = kpr_testkit::lab::Lab::new("cli-running") else {
+        return;
+    };
+    let ns = lab.netns("node");
     let dir = tempfile::tempdir().unwrap();
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: ns}\nspec: {clusterIP: 172.30.0.1, ports: [{name: p, port: 80}]}\n";
     std::fs::write(dir.path().join("a.yaml"), svc).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-proxy-rs"))
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_kube-proxy-rs")])
         .args([
+            "--proxy-mode",
+            "nftables",
             "--manifests",
             dir.path().to_str().unwrap(),
             "--hostname-override",
             "node-a",
             "--iptables-min-sync-period",
             "0s",
-            // This test runs in the machine's own namespace: no health or metrics server there.
-            "--healthz-port",
-            "0",
-            "--metrics-port",
-            "0",
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -206,7 +210,7 @@ fn running_follows_the_directory_and_stops_on_sigterm() {
         }
         panic!("the process ended before logging {needle:?}");
     };
-    let first = wait_for("Computed desired state");
+    let first = wait_for("Synced nftables rules");
     assert!(
         first.contains("full=true") && first.contains("IPv4=1"),
         "{first}"
@@ -217,7 +221,7 @@ fn running_follows_the_directory_and_stops_on_sigterm() {
             .replace("172.30.0.1", "172.30.0.2"),
     )
     .unwrap();
-    let second = wait_for("Computed desired state");
+    let second = wait_for("Synced nftables rules");
     assert!(
         second.contains("full=false")
             && second.contains("changed_services=1")

@@ -13,7 +13,7 @@
 use super::naming::{endpoint_chain, service_chain};
 use super::rules::{IptTable, M, Rule, Target};
 use crate::nftables::NodePortAddrs;
-use crate::nftables::render::PortCtx;
+use crate::nftables::render::{PortCtx, needed_endpoints, uses_local};
 use ipnet::IpNet;
 use kpr_model::desired::{
     Endpoint, ExternalAction, FamilyDesired, InternalAction, ServicePortDesired,
@@ -778,7 +778,7 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, cfg: &IptConfig) -> PortOu
     let mut o = PortOut::default();
 
     // Endpoint chains for the union of both sets.
-    for ep in &sp.endpoints {
+    for ep in needed_endpoints(sp) {
         let sep = endpoint_chain(name, ep.addr);
         let mut rules = vec![
             Rule::new(&sep, jump(MARK_MASQ))
@@ -845,7 +845,7 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, cfg: &IptConfig) -> PortOu
             set_chain(&svc, &sp.cluster_endpoints, internal),
         );
     }
-    if !sp.local_endpoints.is_empty() {
+    if uses_local(sp) && !sp.local_endpoints.is_empty() {
         let internal = sp.internal == InternalAction::Local;
         o.chains
             .insert(svl.clone(), set_chain(&svl, &sp.local_endpoints, internal));

@@ -602,6 +602,20 @@ fn assign_slots<'a>(
     out
 }
 
+/// Whether anything uses the Local set: ITP=Local, or external frontends with ETP=Local.
+/// Otherwise it gets no chain (half the chains of a typical table).
+pub(crate) fn uses_local(sp: &ServicePortDesired) -> bool {
+    sp.internal == InternalAction::Local || sp.external == Some(ExternalAction::Local)
+}
+
+/// The endpoints some used set holds (the Cluster set, and the Local set when used).
+pub(crate) fn needed_endpoints(sp: &ServicePortDesired) -> impl Iterator<Item = &Endpoint> {
+    let local = uses_local(sp);
+    sp.endpoints.iter().filter(move |ep| {
+        sp.cluster_endpoints.contains(ep) || (local && sp.local_endpoints.contains(ep))
+    })
+}
+
 /// The chains, sets and elements of one service port (§4, §5 as decided by the model), in
 /// endpoint-map slot `slot`.
 fn build_port(sp: &ServicePortDesired, fam: &PortCtx, slot: Option<u32>) -> PortObjects {
@@ -616,7 +630,7 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, slot: Option<u32>) -> Port
     let shared_elem = |set: &'static str, key| Shared::Element(set, key);
     o.shared
         .insert(shared_elem(layout::CLUSTER_IPS, Key::Addr(sp.cluster_ip)));
-    for ep in &sp.endpoints {
+    for ep in needed_endpoints(sp) {
         let ip = ep.addr.ip();
         o.shared
             .insert(shared_elem(layout::HAIRPIN, Key::AddrPair(ip, ip)));
@@ -629,7 +643,7 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, slot: Option<u32>) -> Port
 
     // Endpoint chains (with affinity) for the union of both sets.
     let mut ep_chain = BTreeMap::new();
-    for ep in sp.endpoints.iter().filter(|_| !by_map) {
+    for ep in needed_endpoints(sp).filter(|_| !by_map) {
         let ep_base = naming::endpoint_base(&sp.name, ep.addr);
         let chain = naming::chain("endpoint", &ep_base);
         let aff = sp
@@ -765,7 +779,7 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, slot: Option<u32>) -> Port
         );
         set_chains.push((svc_chain.clone(), rules));
     }
-    if !sp.local_endpoints.is_empty() {
+    if uses_local(sp) && !sp.local_endpoints.is_empty() {
         let internal = sp.internal == InternalAction::Local;
         let rules = set_chain(
             &local_chain,
