@@ -101,6 +101,8 @@ mod legacy {
 /// A node with pods and an outside client.
 struct Cluster {
     mode: Mode,
+    /// `--nodeport-addresses` (empty: unset, every local address).
+    node_port_addresses: &'static str,
     lab: Lab,
     node: String,
     client: String,
@@ -134,6 +136,7 @@ impl Cluster {
         }
         Some(Cluster {
             mode,
+            node_port_addresses: "primary",
             lab,
             node,
             client,
@@ -217,9 +220,13 @@ impl Cluster {
     /// Starts the proxy with `source` (`--manifests DIR` or `--master URL`).
     fn start_proxy_with(&mut self, source: &str) -> u32 {
         let cmd = format!(
-            "exec {} --proxy-mode {} {source} --hostname-override node-a --cluster-cidr 10.0.0.0/8 --nodeport-addresses primary --iptables-min-sync-period 0s -v 2 2>>{}",
+            "exec {} --proxy-mode {} {source} --hostname-override node-a --cluster-cidr 10.0.0.0/8 {} --iptables-min-sync-period 0s -v 2 2>>{}",
             env!("CARGO_BIN_EXE_kube-proxy-rs"),
             self.mode.flag(),
+            match self.node_port_addresses {
+                "" => String::new(),
+                a => format!("--nodeport-addresses {a}"),
+            },
             self.log.display()
         );
         let node = self.node.clone();
@@ -1560,4 +1567,41 @@ fn switching_modes_removes_the_other_modes_rules() {
     );
     assert!(c.programmed("172.30.0.10"));
     assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
+}
+
+/// §4.4 localhost NodePorts (iptables mode, IPv4, `nodePortAddresses` unset): a host process
+/// reaches a NodePort on 127.0.0.1 (`route_localnet` is set, as upstream), and on the node IP;
+/// the CVE-2020-8558 guard is in kubelet's `KUBE-FIREWALL`.
+#[test]
+fn t4_4_localhost_node_ports_in_iptables_mode() {
+    let Some(mut c) = Cluster::new("localhost", Mode::Iptables) else {
+        return;
+    };
+    c.node_port_addresses = "";
+    c.pod("pod1", "10.0.1.11", None);
+    let ports = "[{name: http, port: 80, protocol: TCP, nodePort: 30080}]";
+    c.manifest(
+        "svc.yaml",
+        &service("web", "172.30.0.10", "  type: NodePort\n", ports),
+    );
+    c.manifest(
+        "eps.yaml",
+        &slice(
+            "web",
+            "IPv4",
+            &[("10.0.1.11", "node-b")],
+            "[{name: http, port: 8080, protocol: TCP}]",
+        ),
+    );
+    c.start_proxy();
+    assert_eq!(
+        c.lab
+            .sh(&c.node, "cat /proc/sys/net/ipv4/conf/all/route_localnet")
+            .trim(),
+        "1"
+    );
+    assert!(c.rules().contains("block incoming localnet connections"));
+    assert_eq!(who(&c.lab.tcp(&c.node, "127.0.0.1", 30080)), "pod1");
+    assert_eq!(who(&c.lab.tcp(&c.node, "192.168.0.2", 30080)), "pod1");
+    assert_eq!(who(&c.lab.tcp(&c.client, "192.168.0.2", 30080)), "pod1");
 }
