@@ -194,9 +194,13 @@ impl Cluster {
             &ns,
             &["socat", "TCP-LISTEN:9000,fork,reuseaddr", "EXEC:cat"],
         );
+        // UDP too: a datagram sent before the UDP server is bound earns an ICMP port
+        // unreachable, which socat reports as a refused flow.
         Lab::wait_for("pod servers", Duration::from_secs(5), || {
-            self.lab.sh(&ns, "ss -ltn").contains(":8080")
-                && self.lab.sh(&ns, "ss -ltn").contains(":9000")
+            let tcp = self.lab.sh(&ns, "ss -ltn");
+            tcp.contains(":8080")
+                && tcp.contains(":9000")
+                && self.lab.sh(&ns, "ss -lun").contains(":5353")
         });
         self.pods.insert(name.into(), ns.clone());
         ns
