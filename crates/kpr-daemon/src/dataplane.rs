@@ -5,7 +5,9 @@
 
 use kpr_config::NodePortAddresses;
 use kpr_dataplane::iptables::{self as ipt, exec::Tools};
-use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, layout, render, render_cold};
+use kpr_dataplane::nftables::{
+    NftConfig, NodePortAddrs, Rendered, layout, render, render_cold_each,
+};
 use kpr_model::node::NodeContext;
 use kpr_model::{DesiredState, IpFamily, SyncPlan};
 use kpr_nft::{Executor, Fake, Family, Op, Table, Transaction};
@@ -263,20 +265,30 @@ fn sync_nft(
             && !exec
                 .table_intact(&table(*family), layout::MASQUERADING)
                 .unwrap_or(false);
-        let txs = if cold {
-            render_cold(fam, &cfg, committed, COLD_START_MAX_OPS)
+        // Each cold-start transaction is applied as soon as it is rendered: one chunk in
+        // memory at a time.
+        let applied = if cold {
+            render_cold_each(fam, &cfg, committed, COLD_START_MAX_OPS, &mut |tx| {
+                exec.apply(&tx).map_err(|e| e.to_string())
+            })
         } else {
-            vec![render(fam, &cfg, committed, plan)]
+            let tx = render(fam, &cfg, committed, plan);
+            match tx.is_empty() {
+                true => Ok(0),
+                false => exec
+                    .apply(&tx)
+                    .map(|()| tx.len())
+                    .map_err(|e| e.to_string()),
+            }
         };
-        let mut ops = 0;
-        for tx in txs.iter().filter(|tx| !tx.is_empty()) {
-            if let Err(e) = exec.apply(tx) {
+        let ops = match applied {
+            Ok(ops) => ops,
+            Err(e) => {
                 // What the kernel holds is unknown now: the next render is full.
                 rendered.remove(family);
                 return Err(format!("{family}: {e}"));
             }
-            ops += tx.len();
-        }
+        };
         if ops > 0 {
             report.families.push((*family, ops, full));
         }

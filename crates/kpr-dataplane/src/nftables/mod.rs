@@ -6,4 +6,6 @@ pub mod naming;
 pub mod render;
 pub mod trace;
 
-pub use render::{NftConfig, NodePortAddrs, Rendered, SLOTS, render, render_cold};
+pub use render::{
+    NftConfig, NodePortAddrs, Rendered, SLOTS, render, render_cold, render_cold_each,
+};

@@ -325,53 +325,78 @@ pub fn render_cold(
     committed: &mut Rendered,
     max_ops: usize,
 ) -> Vec<Transaction> {
-    let (tx, next, groups, tail) = render_full_grouped(fam, cfg);
-    *committed = next;
-    let table = tx.table.clone();
-    let chunk = |ops: Vec<Op>| Transaction {
-        table: table.clone(),
-        ops,
-    };
     let mut out = Vec::new();
-    let (mut current, mut reach) = (Vec::new(), Vec::new());
-    let bounds: Vec<usize> = groups.into_iter().chain([tail]).collect();
-    // The operations move from the full transaction into the chunks: never two copies.
-    let mut ops = tx.ops.into_iter();
-    let mut start = 0;
-    for end in bounds {
-        let (verdicts, defs): (Vec<Op>, Vec<Op>) = ops
-            .by_ref()
-            .take(end - start)
-            .partition(|op| matches!(op, Op::AddElement(e) if e.verdict.is_some()));
-        if !current.is_empty() && current.len() + defs.len() > max_ops {
-            out.push(chunk(std::mem::take(&mut current)));
-        }
-        current.extend(defs);
-        reach.extend(verdicts);
-        start = end;
-    }
-    for op in ops.chain(reach) {
-        if current.len() >= max_ops {
-            out.push(chunk(std::mem::take(&mut current)));
-        }
-        current.push(op);
-    }
-    out.push(chunk(current));
+    let _ = render_cold_each(fam, cfg, committed, max_ops, &mut |tx| {
+        out.push(tx);
+        Ok::<(), ()>(())
+    });
     out
 }
 
+/// [`render_cold`], handing each transaction to `apply` as soon as it is complete, so only one
+/// chunk (and the deferred elements) is in memory at a time. Stops applying at the first error
+/// and returns it; otherwise returns the number of operations applied.
+pub fn render_cold_each<E>(
+    fam: &FamilyDesired,
+    cfg: &NftConfig,
+    committed: &mut Rendered,
+    max_ops: usize,
+    apply: &mut dyn FnMut(Transaction) -> Result<(), E>,
+) -> Result<usize, E> {
+    let table = cfg.table();
+    let mut err = None;
+    let mut sent = 0;
+    let mut flush = |ops: Vec<Op>| {
+        if err.is_none() && !ops.is_empty() {
+            sent += ops.len();
+            if let Err(e) = apply(Transaction {
+                table: table.clone(),
+                ops,
+            }) {
+                err = Some(e);
+            }
+        }
+    };
+    let (mut current, mut reach) = (Vec::new(), Vec::new());
+    let (next, tail) = render_full_with(fam, cfg, &mut |group: Vec<Op>| {
+        let (verdicts, defs): (Vec<Op>, Vec<Op>) = group
+            .into_iter()
+            .partition(|op| matches!(op, Op::AddElement(e) if e.verdict.is_some()));
+        if !current.is_empty() && current.len() + defs.len() > max_ops {
+            flush(std::mem::take(&mut current));
+        }
+        current.extend(defs);
+        reach.extend(verdicts);
+    });
+    *committed = next;
+    for op in tail.into_ops().chain(reach) {
+        if current.len() >= max_ops {
+            flush(std::mem::take(&mut current));
+        }
+        current.push(op);
+    }
+    flush(current);
+    match err {
+        Some(e) => Err(e),
+        None => Ok(sent),
+    }
+}
+
 fn render_full(fam: &FamilyDesired, cfg: &NftConfig) -> (Transaction, Rendered) {
-    let (tx, next, _, _) = render_full_grouped(fam, cfg);
+    let mut tx = Transaction::new(cfg.table());
+    let (next, tail) = render_full_with(fam, cfg, &mut |group| tx.ops.extend(group));
+    tx.ops.extend(tail.into_ops());
     (tx, next)
 }
 
-/// The full table: the fixed part, one group of operations per service port (its sets,
-/// chains, rules and elements), then the endpoint-map elements of every port. Returns where
-/// each group starts and where the endpoint-map elements start.
-fn render_full_grouped(
+/// The full table, handed to `emit` in groups: the fixed part, then one group per service port
+/// (its sets, chains, rules and elements). Returns the committed copy and the endpoint-map
+/// elements of every port, which go after all groups.
+fn render_full_with(
     fam: &FamilyDesired,
     cfg: &NftConfig,
-) -> (Transaction, Rendered, Vec<usize>, usize) {
+    emit: &mut dyn FnMut(Vec<Op>),
+) -> (Rendered, Buckets) {
     let table = cfg.table();
     let mut tx = Transaction::new(table.clone());
     tx.push(Op::AddTable(table.clone()));
@@ -418,12 +443,11 @@ fn render_full_grouped(
         slots: assign_slots(fam.ports.keys(), cfg.endpoint_slots),
         ..Rendered::default()
     };
-    let mut groups = Vec::with_capacity(fam.ports.len());
+    emit(std::mem::take(&mut tx.ops));
     // Endpoint-map elements go last, after every rule that uses the maps: a rule that starts
     // using a map makes the kernel walk the elements the map has at that moment.
-    let mut tail = Vec::new();
+    let mut tail = Buckets::default();
     for (name, sp) in &fam.ports {
-        groups.push(tx.ops.len());
         let slot = next.slots.get(name).copied();
         let built = build_port(sp, &ctx, slot);
         let (mut fresh_maps, mut fresh) = (Vec::new(), Vec::new());
@@ -452,7 +476,7 @@ fn render_full_grouped(
         let (buckets, others): (Vec<Element>, Vec<Element>) =
             objs.elements.into_iter().partition(|e| e.target.is_some());
         tx.ops.extend(others.into_iter().map(Op::AddElement));
-        tail.extend(buckets.into_iter().map(Op::AddElement));
+        tail.extend(buckets);
         tx.ops.extend(fresh);
         next.ports.insert(
             name.clone(),
@@ -462,10 +486,47 @@ fn render_full_grouped(
                 lost,
             },
         );
+        emit(std::mem::take(&mut tx.ops));
     }
-    let tail_start = tx.ops.len();
-    tx.ops.extend(tail);
-    (tx, next, groups, tail_start)
+    (next, tail)
+}
+
+/// Endpoint-map elements held back until every rule exists, in a compact form (a cold start
+/// at 10,000 x 10 holds 100,000 of them): the map's name once, then (map, bucket, target).
+#[derive(Default)]
+struct Buckets {
+    maps: Vec<String>,
+    index: std::collections::HashMap<String, u16>,
+    elements: Vec<(u16, u32, std::net::SocketAddr)>,
+}
+
+impl Buckets {
+    fn extend(&mut self, elements: Vec<Element>) {
+        for e in elements {
+            let (Key::Bucket(b), Some(to)) = (e.key, e.target) else {
+                continue;
+            };
+            let next = self.maps.len() as u16;
+            let map = *self.index.entry(e.set).or_insert_with_key(|name| {
+                self.maps.push(name.clone());
+                next
+            });
+            self.elements.push((map, b, to));
+        }
+    }
+
+    fn into_ops(self) -> impl Iterator<Item = Op> {
+        let maps = self.maps;
+        self.elements.into_iter().map(move |(m, b, to)| {
+            Op::AddElement(Element {
+                set: maps.get(usize::from(m)).cloned().unwrap_or_default(),
+                key: Key::Bucket(b),
+                verdict: None,
+                target: Some(to),
+                comment: None,
+            })
+        })
+    }
 }
 
 impl Rendered {
