@@ -1,7 +1,7 @@
 //! The sync loop: one task owns all state, folds inputs, and decides when to sync.
 //!
 //! Inputs from every source arrive on one channel. Nothing is synced until each source has
-//! delivered its first full list (a `Replace` of Services and of EndpointSlices, §2.1 step 11);
+//! delivered its first full list (a `Replace` or `Keep` of Services and of EndpointSlices, §2.1 step 11);
 //! after that, bursts are coalesced and syncs are at least `min_sync_period` apart (§11). A sync
 //! computes the desired state, applies it through the data plane (when there is one), and
 //! reports what it did, with the network-programming latency of the changes it committed.
@@ -171,6 +171,7 @@ impl SyncState {
         if let Some(m) = &self.metrics {
             let (services, slices) = match &input {
                 Input::Services(Update::Replace(v)) => (v.len(), 0),
+                Input::Services(Update::Keep(_)) | Input::Slices(Update::Keep(_)) => (0, 0),
                 Input::Services(_) => (1, 0),
                 Input::Slices(Update::Replace(v)) => (0, v.len()),
                 Input::Slices(_) => (0, 1),
@@ -182,8 +183,8 @@ impl SyncState {
             m.endpoint_changes_pending.add(slices as i64);
         }
         match &input {
-            Input::Services(Update::Replace(_)) => self.services_listed = true,
-            Input::Slices(Update::Replace(_)) => self.slices_listed = true,
+            Input::Services(Update::Replace(_) | Update::Keep(_)) => self.services_listed = true,
+            Input::Slices(Update::Replace(_) | Update::Keep(_)) => self.slices_listed = true,
             Input::Node(Some(node)) => {
                 let name = node.metadata.name.as_deref().unwrap_or("");
                 if name != self.cfg.node_name {

@@ -50,6 +50,10 @@ pub enum Update<T> {
     Delete(ObjectKey),
     /// A full list: these are all the objects of this kind; anything absent is deleted.
     Replace(Vec<T>),
+    /// The end of a full list whose objects came one by one as `Apply` just before (so a
+    /// large list never sits in memory whole): these are all the objects of this kind;
+    /// anything not named is deleted.
+    Keep(Vec<ObjectKey>),
 }
 
 /// Everything that can change the model.

@@ -134,6 +134,35 @@ impl Trackers {
             Input::Slices(Update::Apply(slice)) => self.apply_slice(&slice, &mut notes),
             Input::Slices(Update::Delete(key)) => self.remove_slice(&key),
             Input::Slices(Update::Replace(list)) => self.replace_slices(&list, &mut notes),
+            Input::Services(Update::Keep(keys)) => {
+                let keep: BTreeSet<ServiceName> = keys
+                    .into_iter()
+                    .map(|k| ServiceName::new(k.namespace, k.name))
+                    .collect();
+                let gone: Vec<ServiceName> = self
+                    .state
+                    .services
+                    .keys()
+                    .filter(|n| !keep.contains(*n))
+                    .cloned()
+                    .collect();
+                for name in gone {
+                    self.set_service(name, None);
+                }
+            }
+            Input::Slices(Update::Keep(keys)) => {
+                let keep: BTreeSet<ObjectKey> = keys.into_iter().collect();
+                let gone: Vec<ObjectKey> = self
+                    .state
+                    .slice_owner
+                    .keys()
+                    .filter(|k| !keep.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.remove_slice(&key);
+                }
+            }
             Input::Node(node) => {
                 let facts = node.as_deref().map(NodeFacts::from_node);
                 if facts.as_ref().map(|f| &f.labels) != self.state.node.as_ref().map(|f| &f.labels)

@@ -241,3 +241,46 @@ fn plan_carries_trigger_times_of_changed_slices() {
     assert_eq!(plan.trigger_times, ["2026-11-24T10:00:00Z"]);
     assert_eq!(t.change_totals(), (1, 1));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// A list streamed as one `Apply` per object and then a `Keep` of their keys (how the API
+    /// source delivers a relist) leaves the same state as one `Replace` of the list.
+    #[test]
+    fn a_list_streamed_then_kept_equals_a_replace(
+        before in prop::collection::vec(event(), 0..20),
+        list in prop::collection::vec((0u8..4, 0u8..32), 0..4),
+        slices in prop::collection::vec((0u8..4, 0u8..2, prop::collection::vec((0u8..6, 0u8..8), 0..3)), 0..4),
+    ) {
+        let (mut a, mut b) = (Trackers::new(), Trackers::new());
+        for ev in &before {
+            if let Some(i) = input(ev) {
+                a.record(i.clone());
+                b.record(i);
+            }
+        }
+        a.record(Input::Services(Update::Replace(
+            list.iter().map(|(i, v)| svc_obj(*i, *v)).collect(),
+        )));
+        for (i, v) in &list {
+            b.record(Input::Services(Update::Apply(svc_obj(*i, *v))));
+        }
+        b.record(Input::Services(Update::Keep(
+            list.iter().map(|(i, _)| ObjectKey::new("ns", format!("svc{i}"))).collect(),
+        )));
+        a.record(Input::Slices(Update::Replace(
+            slices.iter().map(|(s, i, e)| slice_obj(*s, *i, e)).collect(),
+        )));
+        for (s, i, e) in &slices {
+            b.record(Input::Slices(Update::Apply(slice_obj(*s, *i, e))));
+        }
+        b.record(Input::Slices(Update::Keep(
+            slices
+                .iter()
+                .map(|(s, i, _)| ObjectKey::new("ns", format!("svc{s}-s{i}")))
+                .collect(),
+        )));
+        prop_assert_eq!(full(&a), full(&b));
+    }
+}

@@ -3,8 +3,9 @@
 //! `Input` events.
 //!
 //! A watcher's `Init .. InitDone` (the first list, and every relist after a 410 Gone or a
-//! reconnect) becomes one `Update::Replace` with the whole list: objects that vanished while the
-//! watch was down are deleted by the replacement, although kube-rs sends no `Delete` for them.
+//! reconnect) becomes an `Update::Apply` per object as it arrives, then one `Update::Keep`
+//! naming them all: objects that vanished while the watch was down are deleted by it, although
+//! kube-rs sends no `Delete` for them, and a 10,000-object list never sits in memory whole.
 //! Errors (API server unreachable, 410, timeouts) are logged and retried with kube-rs's
 //! default backoff; meanwhile nothing is sent, so the rules in the kernel stay as they are.
 
@@ -123,6 +124,8 @@ pub async fn run(
             Update::Apply(n) => Some(Input::Node(Some(Box::new(n)))),
             Update::Delete(_) => Some(Input::Node(None)),
             Update::Replace(mut nodes) => Some(Input::Node(nodes.pop().map(Box::new))),
+            // The list's Node (if any) came as `Apply` already.
+            Update::Keep(keys) => keys.is_empty().then_some(Input::Node(None)),
         },
     );
     tokio::select! {
@@ -185,7 +188,9 @@ async fn watch_kind<K>(
 {
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    let mut listing: Option<Vec<K>> = None;
+    // A relist's objects are sent one by one as they arrive, then the list of their keys
+    // (`Update::Keep`): the whole list never sits in memory at once.
+    let mut listing: Option<Vec<ObjectKey>> = None;
     let mut failing = false;
     while let Some(event) = stream.next().await {
         let update = match event {
@@ -203,13 +208,17 @@ async fn watch_kind<K>(
             }
             Ok(Event::InitApply(mut obj)) => {
                 lean(&mut obj);
-                listing.get_or_insert_with(Vec::new).push(obj);
-                continue;
+                let meta = obj.meta();
+                listing.get_or_insert_with(Vec::new).push(ObjectKey::new(
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                ));
+                Update::Apply(obj)
             }
             Ok(Event::InitDone) => {
                 let all = listing.take().unwrap_or_default();
                 tracing::debug!(kind = %kind, objects = all.len(), "Listed");
-                Update::Replace(all)
+                Update::Keep(all)
             }
             Ok(Event::Apply(mut obj)) => {
                 lean(&mut obj);

@@ -1,5 +1,6 @@
 //! The API-server source against the test API server (real HTTP, the real kube-rs client):
-//! first lists become `Replace`, changes `Apply`/`Delete`, other proxies' and headless objects
+//! first lists become an `Apply` per object then a `Keep` of their keys, changes
+//! `Apply`/`Delete`, other proxies' and headless objects
 //! are filtered by the selector, only this node's Node arrives, and a relist after 410 Gone
 //! replaces the whole set, so objects deleted while the watch was down disappear.
 #![allow(clippy::unwrap_used)]
@@ -28,6 +29,18 @@ fn describe(i: &Input) -> String {
             format!(
                 "S={}",
                 names(v.iter().map(|s| s.metadata.name.clone()).collect())
+            )
+        }
+        Input::Services(Update::Keep(k)) => {
+            format!(
+                "S={}",
+                names(k.iter().map(|k| Some(k.name.clone())).collect())
+            )
+        }
+        Input::Slices(Update::Keep(k)) => {
+            format!(
+                "E={}",
+                names(k.iter().map(|k| Some(k.name.clone())).collect())
             )
         }
         Input::Services(Update::Apply(s)) => format!("S+{}", s.metadata.name.clone().unwrap()),
@@ -94,7 +107,7 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
     let (tx, mut rx) = mpsc::channel(64);
     let (stop, shutdown) = watch::channel(false);
     let source = tokio::spawn(api::run(client, "node-a".into(), tx, shutdown));
-    expect(&mut rx, &["S=a", "E=a-x", "N=node-a"]).await;
+    expect(&mut rx, &["S+a", "S=a", "E+a-x", "E=a-x", "N=node-a"]).await;
 
     server.apply(json(
         &service("ns", "b")
@@ -119,7 +132,7 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
     server.compact();
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.restart().await.unwrap();
-    expect(&mut rx, &["S=a,c", "E=", "N=node-a"]).await;
+    expect(&mut rx, &["S+a", "S+c", "S=a,c", "E=", "N=node-a"]).await;
 
     let _ = stop.send(true);
     tokio::time::timeout(Duration::from_secs(5), source)
