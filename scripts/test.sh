@@ -15,3 +15,10 @@ log=$(mktemp)
 cargo test --workspace --quiet 2>&1 | tee "$log"
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$log"
+# The benchmark harness on tiny sizes, so it cannot rot: prints timings, asserts only correctness.
+echo "== scripts/bench.sh --quick"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "!! SKIPPED: scripts/bench.sh --quick needs root (it creates network namespaces); run scripts/test.sh as root to include it"
+else
+  "$(repo_root)/scripts/bench.sh" --quick
+fi

@@ -182,6 +182,9 @@ impl ApiServer {
                         Err(_) => continue,
                     },
                 };
+                // As a Go API server does: watch events written within ~40 ms of each other
+                // are not held back by Nagle and the client's delayed ACK.
+                let _ = tcp.set_nodelay(true);
                 let (app, acceptor) = (app.clone(), acceptor.clone());
                 conns.spawn(async move {
                     let service = hyper_util::service::TowerToHyperService::new(app);

@@ -574,6 +574,10 @@ pub async fn run(
     );
     let mut full_periodic =
         tokio::time::interval_at(Instant::now() + FULL_SYNC_PERIOD, FULL_SYNC_PERIOD);
+    // A sync that outlasts the period must not be followed by a burst of catch-up ticks
+    // (each a forced sync ahead of the inputs in this biased select).
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    full_periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_repair = Instant::now() + REPAIR_INTERVAL;
     loop {
         let due = if state.pending() {

@@ -1,0 +1,311 @@
+//! The whole daemon against the test API server, per mode and size: the release binary runs
+//! inside a fresh node namespace, watching an API server (also inside it) preloaded with N
+//! Services, N EndpointSlices and this node's Node. Measures cold start (process start -> first
+//! "Synced ... rules" line, and that sync's own `elapsed_us`), network-programming latency of
+//! EndpointSlice updates (the daemon's `Network programming latency` lines, against the
+//! `last-change-trigger-time` each update carries), peak RSS and CPU per 1,000 changes.
+
+use crate::Mode;
+use crate::cluster;
+use crate::netns::Netns;
+use crate::stats::Quantiles;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// One mode and size through the daemon.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Daemon {
+    pub(crate) cold_start: Option<Duration>,
+    /// `elapsed_us` of the first sync's log line.
+    pub(crate) first_sync: Option<Duration>,
+    pub(crate) latency: Option<Quantiles>,
+    /// VmHWM, KiB.
+    pub(crate) peak_rss_kib: Option<u64>,
+    pub(crate) cpu_per_1000: Option<f64>,
+    pub(crate) notes: Vec<String>,
+}
+
+/// Between an update's sync and the next update: each update is a sync of its own. 50 ms, not
+/// less: the test API server does not set TCP_NODELAY, so a watch event sent within ~40 ms of
+/// the previous one waits for the client's delayed ACK (Nagle); measured: with 20 ms spacing
+/// one update in ten took ~22 ms longer, with 35 ms ~6 ms longer, with 50 ms none. (A Go API
+/// server sets TCP_NODELAY.)
+const SPACING: Duration = Duration::from_millis(50);
+
+/// Lines of interest, with when they arrived.
+#[derive(Debug, Default)]
+struct Log {
+    synced: Vec<(Instant, String)>,
+    latency: Vec<String>,
+    errors: Vec<String>,
+}
+
+/// Runs the daemon at one size: `updates` EndpointSlice updates, within `budget`.
+pub(crate) fn measure(
+    bin: &Path,
+    mode: Mode,
+    n: u32,
+    e: u32,
+    updates: usize,
+    budget: Duration,
+) -> Daemon {
+    let ns = Netns::new(&format!("dmn-{}-{n}x{e}", mode.short()));
+    // The node's InternalIP on an interface, as on a node (a veth pair: no dummy module here).
+    ns.sh(&format!(
+        "ip link add kb-node type veth peer name kb-peer && ip addr add {}/24 dev kb-node && ip link set kb-node up && ip link set kb-peer up",
+        cluster::NODE_IP
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut api = rt
+        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
+            netns: Some(ns.name().to_owned()),
+            ..Default::default()
+        }))
+        .expect("the test API server starts");
+    api.apply(cluster::node());
+    for i in 0..n {
+        api.apply(cluster::service(i));
+        api.apply(cluster::slice(i, e, 0, None));
+    }
+
+    let log_path = std::env::temp_dir().join(format!("{}.log", ns.name()));
+    let start = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(bin)
+        .args(["--master", &api.url(), "--proxy-mode", mode.flag()])
+        .args(["--hostname-override", cluster::NODE])
+        .args(["--cluster-cidr", "10.0.0.0/8"])
+        .args(["--iptables-min-sync-period", "0s"])
+        .args(["--healthz-port", "0", "--metrics-port", "0", "-v", "4"])
+        // The back end the library measurements use (a fresh namespace would pick it anyway).
+        .env("KPR_IPTABLES_BACKEND", "nft")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the daemon starts");
+    // `ip netns exec` execs the daemon: same process.
+    let pid = child.id();
+    let log = Arc::new(Mutex::new(Log::default()));
+    let reader = {
+        let (log, stderr) = (log.clone(), child.stderr.take().expect("stderr piped"));
+        let mut file = std::io::LineWriter::new(
+            std::fs::File::create(&log_path).expect("create the daemon's log file"),
+        );
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let now = Instant::now();
+                let _ = writeln!(file, "{line}");
+                let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+                if line.contains("] Synced ") {
+                    l.synced.push((now, line));
+                } else if line.contains("Network programming latency") {
+                    l.latency.push(line);
+                } else if line.starts_with('E') || line.starts_with('F') {
+                    l.errors.push(line);
+                }
+            }
+            let _ = file.flush();
+        })
+    };
+    let mut out = Daemon::default();
+    let counts = |log: &Arc<Mutex<Log>>| {
+        let l = log.lock().unwrap_or_else(|e| e.into_inner());
+        (l.synced.len(), l.latency.len())
+    };
+    let alive = |child: &mut std::process::Child| matches!(child.try_wait(), Ok(None));
+
+    // Cold start: the first sync, within a generous bound.
+    let limit = Duration::from_secs(300);
+    while counts(&log).0 == 0 {
+        assert!(
+            alive(&mut child),
+            "the daemon exited before its first sync (log: {})",
+            log_path.display()
+        );
+        assert!(
+            start.elapsed() < limit,
+            "no first sync within {limit:?} (log: {})",
+            log_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    {
+        let l = log.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, line) = &l.synced[0];
+        out.cold_start = Some(at.duration_since(start));
+        out.first_sync = field(line, "elapsed_us").map(Duration::from_micros);
+    }
+    // Correctness: the rules are in the kernel.
+    match mode {
+        Mode::Nftables => assert!(
+            ns.sh("nft list tables").contains("kube-proxy-rs"),
+            "the daemon's table is in the kernel"
+        ),
+        Mode::Iptables => assert!(
+            ns.sh("iptables-nft-save -t nat")
+                .contains("-A KUBE-SERVICES"),
+            "the daemon's chains are in the kernel"
+        ),
+    }
+    // Quiet: no sync for 500 ms (a second sync may follow the first).
+    let mut last = counts(&log);
+    let mut quiet = Instant::now();
+    let settling = Instant::now();
+    while quiet.elapsed() < Duration::from_millis(500)
+        && settling.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = counts(&log);
+        if now != last {
+            last = now;
+            quiet = Instant::now();
+        }
+    }
+
+    let cpu_before = cpu_ticks(pid);
+    let phase = Instant::now();
+    let mut generations = std::collections::HashMap::<u32, u32>::new();
+    let mut done = 0usize;
+    for step in 1..=updates {
+        if done >= updates.min(5) && phase.elapsed() > budget {
+            out.notes.push(format!(
+                "capped: daemon {} {n}x{e}: {done} of {updates} EndpointSlice updates (time budget {budget:?})",
+                mode.flag()
+            ));
+            break;
+        }
+        let svc = (step as u64 * 7919 % u64::from(n)) as u32;
+        let g = generations.entry(svc).or_default();
+        *g += 1;
+        let before = counts(&log).1;
+        let trigger = kpr_ops::time::rfc3339_nano(SystemTime::now());
+        api.apply(cluster::slice(svc, e, *g, Some(&trigger)));
+        let wait = Instant::now();
+        let limit = Duration::from_secs(120);
+        while counts(&log).1 == before && wait.elapsed() < limit {
+            assert!(alive(&mut child), "the daemon exited during the updates");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if counts(&log).1 == before {
+            out.notes.push(format!(
+                "daemon {} {n}x{e}: update {step} not synced within {limit:?}: updates stopped",
+                mode.flag()
+            ));
+            break;
+        }
+        done += 1;
+        std::thread::sleep(SPACING);
+    }
+    let cpu_after = cpu_ticks(pid);
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after)
+        && done > 0
+    {
+        let secs = (b - a) as f64 / clock_ticks() as f64;
+        out.cpu_per_1000 = Some(secs * 1000.0 / done as f64);
+    }
+    out.peak_rss_kib = status_kib(pid, "VmHWM");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    rt.block_on(api.stop());
+    let l = log.lock().unwrap_or_else(|e| e.into_inner());
+    let latencies: Vec<Duration> = l
+        .latency
+        .iter()
+        .filter_map(|line| field(line, "max_us"))
+        .map(Duration::from_micros)
+        .collect();
+    if latencies.len() < done {
+        out.notes.push(format!(
+            "daemon {} {n}x{e}: {} latency lines for {done} updates",
+            mode.flag(),
+            latencies.len()
+        ));
+    }
+    out.latency = Quantiles::of(latencies);
+    if !l.errors.is_empty() {
+        out.notes.push(format!(
+            "daemon {} {n}x{e}: {} error lines, first: {}",
+            mode.flag(),
+            l.errors.len(),
+            l.errors[0]
+        ));
+    }
+    drop(l);
+    drop(ns);
+    if out.notes.is_empty() && std::env::var_os("KPR_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_file(&log_path);
+    } else {
+        out.notes
+            .push(format!("daemon log kept: {}", log_path.display()));
+    }
+    out
+}
+
+/// `key=123` in a klog line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    let v: String = line[at..]
+        .chars()
+        .skip_while(|c| *c == '"')
+        .take_while(char::is_ascii_digit)
+        .collect();
+    v.parse().ok()
+}
+
+/// utime + stime of a process and of its waited-for children (iptables mode's
+/// `iptables-restore` runs), in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 to 17 of stat(5) (utime, stime, cutime, cstime); `rest` starts at field 3.
+    (11..=14).map(|i| f.get(i)?.parse::<u64>().ok()).sum()
+}
+
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// A `kB` line of /proc/PID/status.
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}:")))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_of_klog_lines() {
+        let l = r#"I1201 08:30:00.123456   42 sync.rs:660] Network programming latency changes=1 max_us=812"#;
+        assert_eq!(field(l, "max_us"), Some(812));
+        assert_eq!(field(l, "changes"), Some(1));
+        assert_eq!(field(l, "nope"), None);
+        let l =
+            r#"I1201 08:30:00.1   42 sync.rs:653] Synced nftables rules full=true elapsed_us=1520"#;
+        assert_eq!(field(l, "elapsed_us"), Some(1520));
+    }
+}
