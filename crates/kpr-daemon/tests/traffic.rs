@@ -253,6 +253,21 @@ impl Cluster {
         pid
     }
 
+    /// Sends SIGTERM to the proxy and waits until it has logged its shutdown.
+    fn stop_proxy(&self, pid: u32) {
+        let stops = || {
+            std::fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .matches("Shutting down")
+                .count()
+        };
+        let before = stops();
+        self.lab.sh(&self.node, &format!("kill -TERM {pid}"));
+        Lab::wait_for("the proxy to stop", Duration::from_secs(5), || {
+            stops() > before
+        });
+    }
+
     fn logged(&self, what: &str) -> bool {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
@@ -895,10 +910,7 @@ fn rules_survive_a_restart_and_established_connections_keep_working(mode: Mode) 
     let echo = c.open_echo(&client, "172.30.0.10");
 
     // Stop the proxy: its rules stay, new connections still work.
-    c.lab.sh(&c.node, &format!("kill -TERM {pid}"));
-    Lab::wait_for("the proxy to stop", Duration::from_secs(5), || {
-        c.logged("Shutting down")
-    });
+    c.stop_proxy(pid);
     assert!(c.programmed("172.30.0.10"), "rules kept after SIGTERM");
     assert_eq!(
         who(&c.lab.tcp(&client, "172.30.0.10", 80)),
@@ -1312,10 +1324,7 @@ fn cleanup_removes_every_rule_of_ours_and_upstreams(mode: Mode) {
         &slice("web", "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS),
     );
     let pid = c.start_proxy();
-    c.lab.sh(&c.node, &format!("kill -TERM {pid}"));
-    Lab::wait_for("the proxy stopped", Duration::from_secs(5), || {
-        c.logged("Shutting down")
-    });
+    c.stop_proxy(pid);
     std::thread::sleep(Duration::from_millis(300));
     assert!(c.programmed("172.30.0.10"), "rules stay after SIGTERM");
     // Upstream's leftovers, and a table that is not ours.
@@ -1534,23 +1543,9 @@ fn switching_modes_removes_the_other_modes_rules() {
         "eps.yaml",
         &slice("web", "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS),
     );
-    let stop = |c: &Cluster, pid: u32| {
-        let before = std::fs::read_to_string(&c.log)
-            .unwrap_or_default()
-            .matches("Shutting down")
-            .count();
-        c.lab.sh(&c.node, &format!("kill -TERM {pid}"));
-        Lab::wait_for("the proxy to stop", Duration::from_secs(5), || {
-            std::fs::read_to_string(&c.log)
-                .unwrap_or_default()
-                .matches("Shutting down")
-                .count()
-                > before
-        });
-    };
     let pid = c.start_proxy();
     assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
-    stop(&c, pid);
+    c.stop_proxy(pid);
 
     c.mode = Mode::Nftables;
     let pid = c.start_proxy();
@@ -1561,7 +1556,7 @@ fn switching_modes_removes_the_other_modes_rules() {
     );
     assert!(c.programmed("172.30.0.10"));
     assert_eq!(who(&c.lab.tcp(&client, "172.30.0.10", 80)), "pod1");
-    stop(&c, pid);
+    c.stop_proxy(pid);
 
     c.mode = Mode::Iptables;
     c.start_proxy();

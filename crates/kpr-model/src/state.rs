@@ -134,35 +134,13 @@ impl Trackers {
             Input::Slices(Update::Apply(slice)) => self.apply_slice(&slice, &mut notes),
             Input::Slices(Update::Delete(key)) => self.remove_slice(&key),
             Input::Slices(Update::Replace(list)) => self.replace_slices(&list, &mut notes),
-            Input::Services(Update::Keep(keys)) => {
-                let keep: BTreeSet<ServiceName> = keys
+            Input::Services(Update::Keep(keys)) => self.keep_services(
+                &keys
                     .into_iter()
                     .map(|k| ServiceName::new(k.namespace, k.name))
-                    .collect();
-                let gone: Vec<ServiceName> = self
-                    .state
-                    .services
-                    .keys()
-                    .filter(|n| !keep.contains(*n))
-                    .cloned()
-                    .collect();
-                for name in gone {
-                    self.set_service(name, None);
-                }
-            }
-            Input::Slices(Update::Keep(keys)) => {
-                let keep: BTreeSet<ObjectKey> = keys.into_iter().collect();
-                let gone: Vec<ObjectKey> = self
-                    .state
-                    .slice_owner
-                    .keys()
-                    .filter(|k| !keep.contains(*k))
-                    .cloned()
-                    .collect();
-                for key in gone {
-                    self.remove_slice(&key);
-                }
-            }
+                    .collect(),
+            ),
+            Input::Slices(Update::Keep(keys)) => self.keep_slices(&keys.into_iter().collect()),
             Input::Node(node) => {
                 let facts = node.as_deref().map(NodeFacts::from_node);
                 if facts.as_ref().map(|f| &f.labels) != self.state.node.as_ref().map(|f| &f.labels)
@@ -251,18 +229,37 @@ impl Trackers {
             };
             fresh.insert(name, value);
         }
+        self.keep_services(&fresh.keys().cloned().collect());
+        for (name, value) in fresh {
+            self.set_service(name, value);
+        }
+    }
+
+    /// Deletes every Service not in `keep` (the end of a full list).
+    fn keep_services(&mut self, keep: &BTreeSet<ServiceName>) {
         let gone: Vec<ServiceName> = self
             .state
             .services
             .keys()
-            .filter(|n| !fresh.contains_key(*n))
+            .filter(|n| !keep.contains(*n))
             .cloned()
             .collect();
         for name in gone {
             self.set_service(name, None);
         }
-        for (name, value) in fresh {
-            self.set_service(name, value);
+    }
+
+    /// Deletes every EndpointSlice not in `keep` (the end of a full list).
+    fn keep_slices(&mut self, keep: &BTreeSet<ObjectKey>) {
+        let gone: Vec<ObjectKey> = self
+            .state
+            .slice_owner
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.remove_slice(&key);
         }
     }
 
@@ -312,16 +309,7 @@ impl Trackers {
                 }
             }
         }
-        let gone: Vec<ObjectKey> = self
-            .state
-            .slice_owner
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for key in gone {
-            self.remove_slice(&key);
-        }
+        self.keep_slices(&keep);
         for (key, p) in parsed {
             self.put_slice(key, p);
         }

@@ -140,26 +140,20 @@ impl Tools {
     /// canary chain exists.
     pub fn intact(&self, family: IpFamily) -> bool {
         let tool = self.variant.tool(family, "");
-        let has_rules = |table: &str, chain: &str| {
+        // The chain's `-S` listing, `None` when the chain is missing.
+        let listing = |table: &str, chain: &str| {
             Command::new(&tool)
                 .args(["-w", "5", "-t", table, "-S", chain])
                 .stderr(Stdio::null())
                 .output()
-                .is_ok_and(|o| {
-                    o.status.success()
-                        && String::from_utf8_lossy(&o.stdout)
-                            .lines()
-                            .any(|l| l.starts_with("-A"))
-                })
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         };
-        let exists = |table: &str, chain: &str| {
-            Command::new(&tool)
-                .args(["-w", "5", "-t", table, "-S", chain])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
+        let has_rules = |table: &str, chain: &str| {
+            listing(table, chain).is_some_and(|l| l.lines().any(|l| l.starts_with("-A")))
         };
+        let exists = |table: &str, chain: &str| listing(table, chain).is_some();
         has_rules("nat", super::render::POSTROUTING)
             && has_rules("filter", super::render::FORWARD)
             && exists("mangle", super::render::CANARY)

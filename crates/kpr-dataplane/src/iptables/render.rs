@@ -13,7 +13,7 @@
 use super::naming::{endpoint_chain, service_chain};
 use super::rules::{IptTable, M, Rule, Target};
 use crate::nftables::NodePortAddrs;
-use crate::nftables::render::{PortCtx, needed_endpoints, uses_local};
+use crate::nftables::render::{PortCtx, loopback, needed_endpoints, uses_local};
 use ipnet::IpNet;
 use kpr_model::desired::{
     Endpoint, ExternalAction, FamilyDesired, InternalAction, ServicePortDesired,
@@ -77,28 +77,13 @@ impl IptConfig {
     }
 
     fn loopback(&self) -> IpNet {
-        match self.family {
-            IpFamily::V4 => IpNet::from(IpAddr::from([127, 0, 0, 0])).trunc_to(8),
-            IpFamily::V6 => IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
-        }
+        loopback(self.family)
     }
 
     fn localhost(&self) -> bool {
         self.localhost_node_ports
             && self.family == IpFamily::V4
             && self.node_port_addrs == NodePortAddrs::All
-    }
-}
-
-trait Trunc {
-    fn trunc_to(self, len: u8) -> IpNet;
-}
-
-impl Trunc for IpNet {
-    fn trunc_to(self, len: u8) -> IpNet {
-        IpNet::new(self.addr(), len)
-            .map(|n| n.trunc())
-            .unwrap_or(self)
     }
 }
 
@@ -417,7 +402,7 @@ pub fn render(
         }
     }
     if !top_changed.is_empty() {
-        let top = top_chains(fam, cfg, committed);
+        let top = top_chains(cfg, committed);
         for key in top_changed {
             let rules = top.get(&key).cloned().unwrap_or_default();
             if committed.top.get(&key) != Some(&rules) {
@@ -454,7 +439,7 @@ fn render_full(
             write.insert((IptTable::Nat, chain), rules);
         }
     }
-    next.top = top_chains(fam, cfg, &next);
+    next.top = top_chains(cfg, &next);
     write.extend(next.top.clone());
     // Service chains in the kernel that nothing uses any more (a previous run, or a sync
     // whose result we lost) go in the same restore. Without a listing of the kernel, the
@@ -609,7 +594,7 @@ fn restore_text(
 
 /// Every top-level chain: the fixed ones with their rules, and the service ports'
 /// contributions in port order.
-fn top_chains(fam: &FamilyDesired, cfg: &IptConfig, r: &Rendered) -> BTreeMap<ChainKey, Vec<Rule>> {
+fn top_chains(cfg: &IptConfig, r: &Rendered) -> BTreeMap<ChainKey, Vec<Rule>> {
     let mark = cfg.masquerade_mark;
     let mut top: BTreeMap<ChainKey, Vec<Rule>> = BTreeMap::new();
     for (t, c) in [
@@ -703,7 +688,6 @@ fn top_chains(fam: &FamilyDesired, cfg: &IptConfig, r: &Rendered) -> BTreeMap<Ch
             ],
         );
     }
-    let _ = fam;
     top
 }
 
@@ -725,23 +709,17 @@ fn node_port_dsts(cfg: &IptConfig) -> Vec<Vec<M>> {
                 vec![vec![not_lo, local]]
             }
         }
-        NodePortAddrs::List(ips) => {
-            let mut ips: Vec<IpAddr> = ips
-                .iter()
-                .filter(|ip| IpFamily::of(ip) == cfg.family && !ip.is_loopback())
-                .copied()
-                .collect();
-            ips.sort();
-            ips.dedup();
-            ips.into_iter()
-                .map(|ip| {
-                    vec![M::Dst {
-                        net: IpNet::from(ip),
-                        negate: false,
-                    }]
-                })
-                .collect()
-        }
+        NodePortAddrs::List(_) => cfg
+            .node_port_addrs
+            .listed(cfg.family)
+            .into_iter()
+            .map(|ip| {
+                vec![M::Dst {
+                    net: IpNet::from(ip),
+                    negate: false,
+                }]
+            })
+            .collect(),
     }
 }
 

@@ -34,6 +34,34 @@ pub enum NodePortAddrs {
     List(Vec<IpAddr>),
 }
 
+impl NodePortAddrs {
+    /// The listed addresses of one family, loopback left out, sorted, once each.
+    pub(crate) fn listed(&self, family: IpFamily) -> Vec<IpAddr> {
+        let NodePortAddrs::List(ips) = self else {
+            return Vec::new();
+        };
+        let mut ips: Vec<IpAddr> = ips
+            .iter()
+            .filter(|ip| IpFamily::of(ip) == family && !ip.is_loopback())
+            .copied()
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips
+    }
+}
+
+/// A family's loopback network (127.0.0.0/8, ::1/128): never accepts NodePorts (§4.4).
+pub(crate) fn loopback(family: IpFamily) -> IpNet {
+    match family {
+        IpFamily::V4 => IpNet::V4(ipnet::Ipv4Net::new_assert(
+            std::net::Ipv4Addr::new(127, 0, 0, 0),
+            8,
+        )),
+        IpFamily::V6 => IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+    }
+}
+
 /// Backend settings for one family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftConfig {
@@ -402,12 +430,7 @@ fn render_full_with(
     tx.push(Op::AddTable(table.clone()));
     tx.push(Op::DeleteTable);
     tx.push(Op::AddTable(table));
-    let loopback: IpNet = match cfg.family {
-        IpFamily::V4 => "127.0.0.0/8",
-        IpFamily::V6 => "::1/128",
-    }
-    .parse()
-    .unwrap_or_else(|_| IpNet::from(IpAddr::from([127, 0, 0, 1])));
+    let loopback = loopback(cfg.family);
     let np = match cfg.node_port_addrs {
         NodePortAddrs::All => NodePortMatch::AllLocal { loopback },
         NodePortAddrs::List(_) => NodePortMatch::Set,
@@ -423,16 +446,11 @@ fn render_full_with(
         .extend(fixed.iter().map(|(c, _)| Op::AddChain(c.clone())));
     tx.ops
         .extend(fixed.into_iter().flat_map(|(_, r)| r).map(Op::AddRule));
-    if let NodePortAddrs::List(ips) = &cfg.node_port_addrs {
-        let mut ips: Vec<IpAddr> = ips
-            .iter()
-            .filter(|ip| IpFamily::of(ip) == cfg.family && !ip.is_loopback())
-            .copied()
-            .collect();
-        ips.sort();
-        ips.dedup();
+    {
         tx.ops.extend(
-            ips.into_iter()
+            cfg.node_port_addrs
+                .listed(cfg.family)
+                .into_iter()
                 .map(|ip| Op::AddElement(set_elem(layout::NODEPORT_IPS, Key::Addr(ip)))),
         );
     }
