@@ -68,6 +68,8 @@ struct Event {
     kind: Kind,
     kind_of_change: &'static str,
     object: Value,
+    /// Sent as a line no client can decode (see [`ApiServer::delete_garbled`]).
+    garbled: bool,
 }
 
 /// (kind, namespace, name).
@@ -274,12 +276,41 @@ impl ApiServer {
         true
     }
 
+    /// Deletes an object, but watches receive a line that is not JSON in place of its
+    /// `DELETED` event (a stream corrupted on the way): a client that skips what it cannot
+    /// decode never learns of the deletion; one that relists after the error does.
+    pub fn delete_garbled(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        let mut store = self.shared.store();
+        let Some(mut object) = store
+            .objects
+            .remove(&(kind, namespace.to_owned(), name.to_owned()))
+        else {
+            return false;
+        };
+        store.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+        self.record_event(&mut store, kind, "DELETED", object, true);
+        true
+    }
+
     fn record(&self, store: &mut Store, kind: Kind, kind_of_change: &'static str, object: Value) {
+        self.record_event(store, kind, kind_of_change, object, false);
+    }
+
+    fn record_event(
+        &self,
+        store: &mut Store,
+        kind: Kind,
+        kind_of_change: &'static str,
+        object: Value,
+        garbled: bool,
+    ) {
         let event = Event {
             rv: store.rv,
             kind,
             kind_of_change,
             object,
+            garbled,
         };
         store.log.push(event.clone());
         let _ = self.shared.events.send(event);
@@ -589,7 +620,16 @@ fn stream(
         }
     };
     tokio::spawn(async move {
-        let event = |e: &Event| line(json!({"type": e.kind_of_change, "object": e.object}));
+        let event = |e: &Event| {
+            if e.garbled {
+                Bytes::from(format!(
+                    "{{\"type\":\"{}\",\"object\":{{garbled}}\n",
+                    e.kind_of_change
+                ))
+            } else {
+                line(json!({"type": e.kind_of_change, "object": e.object}))
+            }
+        };
         let backlog = match backlog {
             Ok(b) => b,
             Err(oldest) => {

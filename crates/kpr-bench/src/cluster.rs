@@ -7,8 +7,7 @@
 //! endpoint port 8080. Endpoint `k` of Service `i` is 10.64.0.0 + 16 i + an offset: 6..14 for
 //! k >= 1, and for k = 0 the generation mod 6, so each generation moves one endpoint.
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kpr_model::{EndpointSlice, Service};
 use serde_json::{Value, json};
 use std::net::Ipv4Addr;
 

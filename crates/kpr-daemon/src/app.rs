@@ -349,6 +349,20 @@ enum Source {
     Api(kpr_watch::api::Connect),
 }
 
+/// The API source's requests and watch outages, into the metrics (§8: client-go's
+/// `rest_client_*`, and kube-proxy-rs's `kpr_watch_*`).
+#[derive(Debug)]
+struct ApiMetrics(std::sync::Arc<kpr_ops::metrics::Metrics>);
+
+impl kpr_watch::api::Observer for ApiMetrics {
+    fn request(&self, method: &str, host: &str, code: Option<u16>, elapsed: std::time::Duration) {
+        self.0.observe_request(method, host, code, elapsed);
+    }
+    fn watch(&self, resource: &str, up: bool) {
+        self.0.observe_watch(resource, up);
+    }
+}
+
 /// The long-running mode: follow the source, sync on changes, stop on SIGTERM/SIGINT.
 async fn serve(state: SyncState, source: Source) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(1024);
@@ -365,10 +379,14 @@ async fn serve(state: SyncState, source: Source) -> anyhow::Result<()> {
             })
         }
         Source::Api(connect) => {
-            let client = kpr_watch::api::client(&connect).await?;
+            let observer: std::sync::Arc<dyn kpr_watch::api::Observer> = match state.metrics() {
+                Some(m) => std::sync::Arc::new(ApiMetrics(m.clone())),
+                None => std::sync::Arc::new(kpr_watch::api::NoObserver),
+            };
+            let client = kpr_watch::api::client(&connect, observer.clone()).await?;
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                kpr_watch::api::run(client, node, tx, shutdown).await;
+                kpr_watch::api::run(client, node, tx, shutdown, observer).await;
                 Ok(())
             })
         }

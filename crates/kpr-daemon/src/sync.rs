@@ -144,6 +144,11 @@ impl SyncState {
         self
     }
 
+    /// The metrics this loop keeps, if any.
+    pub fn metrics(&self) -> Option<&std::sync::Arc<kpr_ops::metrics::Metrics>> {
+        self.metrics.as_ref()
+    }
+
     /// Makes a sync due even without changes (the periodic sync: health stays fresh, and it
     /// is partial, so it costs nothing when nothing changed).
     pub fn force_sync(&mut self) {
@@ -717,7 +722,7 @@ mod tests {
         }
     }
 
-    fn svc(i: u32) -> k8s_openapi::api::core::v1::Service {
+    fn svc(i: u32) -> kpr_model::Service {
         service("ns", &format!("s{i}"))
             .cluster_ip(&format!("172.30.{}.{}", i / 250, i % 250 + 1))
             .port("p", 80, "TCP")
@@ -795,16 +800,19 @@ mod tests {
         let server = kpr_apiserver::ApiServer::start(kpr_apiserver::Options::default())
             .await
             .unwrap();
-        let json = |v: &k8s_openapi::api::core::v1::Node| serde_json::to_value(v).unwrap();
+        let json = |v: &kpr_model::Node| serde_json::to_value(v).unwrap();
         server.apply(json(
             &kpr_testkit::node(NODE)
                 .address("InternalIP", "192.168.0.2")
                 .build(),
         ));
-        let client = kpr_watch::api::client(&kpr_watch::api::Connect {
-            master: Some(server.url()),
-            ..Default::default()
-        })
+        let client = kpr_watch::api::client(
+            &kpr_watch::api::Connect {
+                master: Some(server.url()),
+                ..Default::default()
+            },
+            std::sync::Arc::new(kpr_watch::api::NoObserver),
+        )
         .await
         .unwrap();
         let (tx, rx) = mpsc::channel(1024);
@@ -815,6 +823,7 @@ mod tests {
             NODE.into(),
             tx,
             shutdown.clone(),
+            std::sync::Arc::new(kpr_watch::api::NoObserver),
         ));
         let cfg = SyncConfig {
             wait_for_node: true,

@@ -3,8 +3,7 @@
 //! API-server watchers and the manifest-directory source both speak [`Input`], so the model does
 //! not know where objects come from.
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use crate::objects::{EndpointSlice, Node, ObjectMeta, Service};
 use std::fmt;
 
 /// The namespace and name of an object (namespace empty for cluster-scoped objects).
@@ -23,7 +22,7 @@ impl ObjectKey {
     }
 
     /// The key of a Kubernetes object from its metadata (missing fields become empty strings).
-    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+    pub fn of(meta: &ObjectMeta) -> Self {
         ObjectKey::new(
             meta.namespace.clone().unwrap_or_default(),
             meta.name.clone().unwrap_or_default(),

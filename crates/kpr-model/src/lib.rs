@@ -1,6 +1,7 @@
 //! The pure service model of kube-proxy-rs.
 //!
-//! Kubernetes objects (Services, EndpointSlices, this node's Node) go in as [`Input`] events;
+//! Kubernetes objects (Services, EndpointSlices, this node's Node), decoded leniently into lean
+//! types holding only what the proxy reads ([`objects`]), go in as [`Input`] events;
 //! [`Trackers`] fold them into a [`ClusterState`] and record which service ports changed between
 //! syncs; [`desired()`] turns the state plus [`NodeContext`] and [`ProxyPolicy`] into the
 //! [`DesiredState`] every backend renders: per IP family, per service port, which frontends exist
@@ -14,6 +15,7 @@ pub mod input;
 pub mod intent;
 pub mod names;
 pub mod node;
+pub mod objects;
 pub mod parse;
 pub mod state;
 pub mod topology;
@@ -25,5 +27,6 @@ pub use desired::{
 pub use input::{Input, ObjectKey, Update};
 pub use names::{IpFamily, Protocol, ServiceName, ServicePortName};
 pub use node::{LocalDetector, NodeContext, ProxyPolicy};
+pub use objects::{EndpointSlice, Node, Service};
 pub use parse::{ParsedService, ParsedSlice, Skipped};
 pub use state::{ClusterState, SyncPlan, Trackers};

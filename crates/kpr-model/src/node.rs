@@ -3,8 +3,8 @@
 //! (§4.10).
 
 use crate::names::IpFamily;
+use crate::objects::Node;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Node;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 

@@ -7,9 +7,8 @@
 
 use crate::input::ObjectKey;
 use crate::names::{IpFamily, Protocol, ServiceName};
+use crate::objects::{EndpointSlice, Service};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -174,8 +173,8 @@ pub fn parse_service(
                 p.protocol.as_deref().unwrap_or("")
             ))
         })?;
-        let port = valid_port(p.port)
-            .ok_or_else(|| skip(format!("port {name:?}: invalid port {}", p.port)))?;
+        let port = valid_port(p.port.unwrap_or(0))
+            .ok_or_else(|| skip(format!("port {name:?}: {}", show_port(p.port))))?;
         let node_port = match p.node_port.unwrap_or(0) {
             0 => None,
             n => Some(
@@ -256,7 +255,7 @@ pub fn parse_service(
                 .and_then(|c| c.timeout_seconds);
             match t {
                 None => Some(DEFAULT_AFFINITY_TIMEOUT),
-                Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT => Some(t as u32),
+                Some(t) if t > 0 && t <= i64::from(MAX_AFFINITY_TIMEOUT) => Some(t as u32),
                 Some(t) => {
                     return Err(skip(format!(
                         "sessionAffinityConfig.clientIP.timeoutSeconds {t} not in 1..=86400"
@@ -478,6 +477,14 @@ pub fn parse_ip(raw: &str) -> Option<IpAddr> {
     raw.parse().ok()
 }
 
-fn valid_port(n: i32) -> Option<u16> {
+fn valid_port(n: i64) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+/// Why a port field is unusable: missing (or not a number), or out of range.
+fn show_port(p: Option<i64>) -> String {
+    match p {
+        None => "missing port (absent, null or not an integer)".into(),
+        Some(n) => format!("invalid port {n}"),
+    }
 }

@@ -9,9 +9,8 @@
 use crate::input::{Input, ObjectKey, Update};
 use crate::names::{ServiceName, ServicePortName};
 use crate::node::NodeFacts;
+use crate::objects::{EndpointSlice, Service};
 use crate::parse::{ParsedService, ParsedSlice, Skipped, parse_service, parse_slice};
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 

@@ -399,7 +399,7 @@ trait MapType {
     fn map_type(self, t: &str) -> Self;
 }
 
-impl MapType for (&'static str, k8s_openapi::api::discovery::v1::EndpointSlice) {
+impl MapType for (&'static str, kpr_model::EndpointSlice) {
     fn map_type(mut self, t: &str) -> Self {
         self.1.address_type = t.into();
         self

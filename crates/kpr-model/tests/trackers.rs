@@ -5,10 +5,9 @@
 #![allow(clippy::unwrap_used)]
 mod common;
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
 use kpr_model::{DesiredState, Input, ObjectKey, Trackers, Update, desired, update_desired};
+use kpr_model::{EndpointSlice, Service};
 use kpr_testkit::*;
 use proptest::prelude::*;
 

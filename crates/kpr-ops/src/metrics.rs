@@ -7,7 +7,7 @@
 
 use prometheus::{
     CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::time::Duration;
 
@@ -50,6 +50,14 @@ pub struct Metrics {
     pub iptables_last: prometheus::IntGaugeVec,
     pub conntrack_sync_duration: HistogramVec,
     pub conntrack_deleted: CounterVec,
+    /// client-go's request counter, as upstream's kube-proxy exports it: `code` is the HTTP
+    /// status, or `<error>` when no response came.
+    pub rest_client_requests: IntCounterVec,
+    pub rest_client_duration: HistogramVec,
+    /// kube-proxy-rs: 1 while the watch of a resource is listed and running, 0 while it fails.
+    pub watch_up: IntGaugeVec,
+    /// kube-proxy-rs: watch failures (each followed by a relist), per resource.
+    pub watch_failures: IntCounterVec,
     pub start_time: Gauge,
 }
 
@@ -209,6 +217,37 @@ impl Metrics {
                 ),
                 fam,
             )?,
+            rest_client_requests: IntCounterVec::new(
+                Opts::new(
+                    "rest_client_requests_total",
+                    "[ALPHA] Number of HTTP requests, partitioned by status code, method, and host.",
+                ),
+                &["code", "host", "method"],
+            )?,
+            rest_client_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "rest_client_request_duration_seconds",
+                    "[ALPHA] Request latency in seconds. Broken down by verb, and host.",
+                )
+                .buckets(vec![
+                    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
+                ]),
+                &["host", "verb"],
+            )?,
+            watch_up: IntGaugeVec::new(
+                Opts::new(
+                    "kpr_watch_up",
+                    "1 while the API watch of a resource is listed and running, 0 while it fails and relists.",
+                ),
+                &["resource"],
+            )?,
+            watch_failures: IntCounterVec::new(
+                Opts::new(
+                    "kpr_watch_failures_total",
+                    "API watch failures per resource; each is followed by a relist.",
+                ),
+                &["resource"],
+            )?,
             start_time: Gauge::new(
                 "process_start_time_seconds",
                 "Start time of the process since unix epoch in seconds.",
@@ -240,6 +279,10 @@ impl Metrics {
         }
         r.register(Box::new(m.conntrack_sync_duration.clone()))?;
         r.register(Box::new(m.conntrack_deleted.clone()))?;
+        r.register(Box::new(m.rest_client_requests.clone()))?;
+        r.register(Box::new(m.rest_client_duration.clone()))?;
+        r.register(Box::new(m.watch_up.clone()))?;
+        r.register(Box::new(m.watch_failures.clone()))?;
         let process = prometheus::process_collector::ProcessCollector::for_self();
         if r.register(Box::new(process)).is_err() {
             r.register(Box::new(m.start_time.clone()))?;
@@ -257,6 +300,28 @@ impl Metrics {
             &self.sync_partial_duration
         };
         which.with_label_values(&[family]).observe(s);
+    }
+
+    /// One request of the API client (client-go's `rest_client_*`): `code` `None` is a
+    /// request that got no response.
+    pub fn observe_request(&self, method: &str, host: &str, code: Option<u16>, d: Duration) {
+        let code = code.map_or_else(|| "<error>".to_owned(), |c| c.to_string());
+        self.rest_client_requests
+            .with_label_values(&[code.as_str(), host, method])
+            .inc();
+        self.rest_client_duration
+            .with_label_values(&[host, method])
+            .observe(d.as_secs_f64());
+    }
+
+    /// The watch of `resource` is up (listed and running) or down (failed, relisting).
+    pub fn observe_watch(&self, resource: &str, up: bool) {
+        self.watch_up
+            .with_label_values(&[resource])
+            .set(i64::from(up));
+        if !up {
+            self.watch_failures.with_label_values(&[resource]).inc();
+        }
     }
 
     /// The exposition text (Prometheus text format 0.0.4).

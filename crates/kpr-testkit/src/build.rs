@@ -1,16 +1,13 @@
-//! Builders for Services, EndpointSlices and Nodes as k8s-openapi objects.
+//! Builders for Services, EndpointSlices and Nodes as the model's lean API objects.
 //!
 //! Tests describe objects in one line each (`service("ns", "svc").cluster_ip("172.30.0.1")
 //! .port("p80", 80, "TCP")`) and get exactly what the API server would hand the proxy.
 
-use k8s_openapi::api::core::v1::{
-    ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec,
-    NodeStatus, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig, Taint,
+use kpr_model::objects::{
+    ClientIpConfig, Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
+    ForName, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec, NodeStatus,
+    ObjectMeta, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig, Taint,
 };
-use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::BTreeMap;
 
 fn meta(ns: &str, name: &str) -> ObjectMeta {
@@ -91,9 +88,9 @@ impl ServiceBuilder {
             .get_or_insert_with(Vec::new)
             .push(ServicePort {
                 name: (!name.is_empty()).then(|| name.to_owned()),
-                port,
+                port: Some(port.into()),
                 protocol: Some(protocol.into()),
-                node_port: (node_port != 0).then_some(node_port),
+                node_port: (node_port != 0).then_some(node_port.into()),
                 ..ServicePort::default()
             });
         self
@@ -154,7 +151,7 @@ impl ServiceBuilder {
     }
 
     pub fn health_check_node_port(mut self, port: i32) -> Self {
-        self.spec().health_check_node_port = Some(port);
+        self.spec().health_check_node_port = Some(port.into());
         self
     }
 
@@ -163,8 +160,8 @@ impl ServiceBuilder {
         let spec = self.spec();
         spec.session_affinity = Some("ClientIP".into());
         spec.session_affinity_config = timeout.map(|t| SessionAffinityConfig {
-            client_ip: Some(ClientIPConfig {
-                timeout_seconds: Some(t),
+            client_ip: Some(ClientIpConfig {
+                timeout_seconds: Some(t.into()),
             }),
         });
         self
@@ -221,9 +218,8 @@ impl SliceBuilder {
             .get_or_insert_with(Vec::new)
             .push(EndpointPort {
                 name: Some(name.into()),
-                port: Some(port),
+                port: Some(port.into()),
                 protocol: Some(protocol.into()),
-                ..EndpointPort::default()
             });
         self
     }
@@ -267,7 +263,7 @@ impl SliceBuilder {
             hints.for_zones = Some(
                 zones
                     .iter()
-                    .map(|z| ForZone { name: (*z).into() })
+                    .map(|z| ForName { name: (*z).into() })
                     .collect(),
             );
         }
@@ -281,7 +277,7 @@ impl SliceBuilder {
             hints.for_nodes = Some(
                 nodes
                     .iter()
-                    .map(|n| ForNode { name: (*n).into() })
+                    .map(|n| ForName { name: (*n).into() })
                     .collect(),
             );
         }
@@ -355,7 +351,6 @@ impl NodeBuilder {
         spec.taints.get_or_insert_with(Vec::new).push(Taint {
             key: key.into(),
             effect: "NoSchedule".into(),
-            ..Taint::default()
         });
         self
     }

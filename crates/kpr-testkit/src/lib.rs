@@ -8,6 +8,7 @@
 
 pub mod build;
 pub mod lab;
+pub mod odd;
 
 pub use build::{NodeBuilder, ServiceBuilder, SliceBuilder, node, service, slice};
 

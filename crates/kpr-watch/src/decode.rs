@@ -2,11 +2,11 @@
 //! EndpointSlices and Nodes, skipping what cannot be decoded with one [`Problem`] each.
 //!
 //! Each document is decoded on its own, so one broken document costs only itself; a `kind: List`
-//! is expanded. A document is first read into a generic value, then into the typed object, so an
-//! error names the field that was wrong.
+//! is expanded. A document is read into a generic value, then into the model's lean object,
+//! which takes what the proxy uses and never fails on the rest (`kpr_model::objects`): whether
+//! the used fields make sense is the model's to say.
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kpr_model::objects::{EndpointSlice, Node, Service};
 use kpr_model::{Input, ObjectKey, Update};
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -9,8 +9,39 @@ use kpr_apiserver::{ApiServer, Kind, Options};
 use kpr_model::{Input, Update};
 use kpr_testkit::{node, service, slice};
 use kpr_watch::api::{self, Connect};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+
+/// What the source reported: requests (method, code) and watch transitions.
+#[derive(Debug, Default)]
+struct Seen {
+    requests: Mutex<Vec<(String, Option<u16>)>>,
+    watches: Mutex<Vec<(String, bool)>>,
+}
+
+impl api::Observer for Seen {
+    fn request(&self, method: &str, _host: &str, code: Option<u16>, _: Duration) {
+        self.requests.lock().unwrap().push((method.into(), code));
+    }
+    fn watch(&self, resource: &str, up: bool) {
+        self.watches.lock().unwrap().push((resource.into(), up));
+    }
+}
+
+async fn client_of(server: &ApiServer) -> (kube::Client, Arc<Seen>) {
+    let seen = Arc::new(Seen::default());
+    let client = api::client(
+        &Connect {
+            master: Some(server.url()),
+            ..Connect::default()
+        },
+        seen.clone(),
+    )
+    .await
+    .unwrap();
+    (client, seen)
+}
 
 fn json<T: serde::Serialize>(o: &T) -> serde_json::Value {
     serde_json::to_value(o).unwrap()
@@ -98,15 +129,10 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
     server.apply(json(&node("node-a").build()));
     server.apply(json(&node("node-b").build()));
 
-    let client = api::client(&Connect {
-        master: Some(server.url()),
-        ..Connect::default()
-    })
-    .await
-    .unwrap();
+    let (client, _seen) = client_of(&server).await;
     let (tx, mut rx) = mpsc::channel(64);
     let (stop, shutdown) = watch::channel(false);
-    let source = tokio::spawn(api::run(client, "node-a".into(), tx, shutdown));
+    let source = tokio::spawn(api::run(client, "node-a".into(), tx, shutdown, _seen));
     expect(&mut rx, &["S+a", "S=a", "E+a-x", "E=a-x", "N=node-a"]).await;
 
     server.apply(json(
@@ -181,4 +207,121 @@ async fn connect_paths_kubeconfig_master_and_in_cluster() {
             .to_string();
         assert!(err.contains("--kubeconfig"), "{err}");
     }
+}
+
+/// Issue 13: objects the full API types cannot decode (a status condition without
+/// lastTransitionTime, nulls in every optional field, unknown and newer fields) are listed and
+/// watched like any other, and never hide the objects around them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_objects_never_fail_a_list_or_a_watch() {
+    use kpr_testkit::odd;
+    let server = ApiServer::start(Options::default()).await.unwrap();
+    server.apply(odd::service("ns", "odd", "172.30.0.9", 80));
+    server.apply(json(
+        &service("ns", "web")
+            .cluster_ip("172.30.0.10")
+            .port("p", 80, "TCP")
+            .build(),
+    ));
+    server.apply(odd::slice("ns", "odd", &["10.0.0.1"], "node-a", 8080));
+    server.apply(odd::node("node-a", "192.168.0.2"));
+    let (client, seen) = client_of(&server).await;
+    let (tx, mut rx) = mpsc::channel(64);
+    let (stop, shutdown) = watch::channel(false);
+    let source = tokio::spawn(api::run(
+        client,
+        "node-a".into(),
+        tx,
+        shutdown,
+        seen.clone(),
+    ));
+    expect(
+        &mut rx,
+        &[
+            "S+odd",
+            "S+web",
+            "S=odd,web",
+            "E+odd-odd",
+            "E=odd-odd",
+            "N=node-a",
+        ],
+    )
+    .await;
+    // While watching: another odd object, then the first one's deletion, then a normal one.
+    server.apply(odd::service("ns", "odd2", "172.30.0.11", 80));
+    server.delete(Kind::Service, "ns", "odd");
+    server.apply(json(
+        &service("ns", "after")
+            .cluster_ip("172.30.0.12")
+            .port("p", 80, "TCP")
+            .build(),
+    ));
+    expect(&mut rx, &["S+odd2", "S-odd", "S+after"]).await;
+    let watches = seen.watches.lock().unwrap().clone();
+    assert!(
+        watches.iter().all(|(_, up)| *up),
+        "no watch failed: {watches:?}"
+    );
+    assert_eq!(watches.len(), 3, "three watches came up: {watches:?}");
+    let requests = seen.requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().any(|(m, c)| m == "GET" && *c == Some(200)),
+        "requests are reported: {requests:?}"
+    );
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), source)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Issue 13: an event the client cannot decode (here, in place of a deletion) fails the
+/// watch; the source relists, so the deletion it never saw is still applied, and the outage is
+/// reported (down, then up again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_event_makes_the_source_relist_and_nothing_is_lost() {
+    let server = ApiServer::start(Options::default()).await.unwrap();
+    for (name, ip) in [("a", "172.30.0.1"), ("b", "172.30.0.2")] {
+        server.apply(json(
+            &service("ns", name)
+                .cluster_ip(ip)
+                .port("p", 80, "TCP")
+                .build(),
+        ));
+    }
+    let (client, seen) = client_of(&server).await;
+    let (tx, mut rx) = mpsc::channel(64);
+    let (stop, shutdown) = watch::channel(false);
+    let source = tokio::spawn(api::run(
+        client,
+        "node-a".into(),
+        tx,
+        shutdown,
+        seen.clone(),
+    ));
+    expect(&mut rx, &["S+a", "S+b", "S=a,b", "E=", "N=-"]).await;
+    assert!(server.delete_garbled(Kind::Service, "ns", "b"));
+    // The relist: a again, and the end of the list without b (the model deletes b).
+    expect(&mut rx, &["S+a", "S=a"]).await;
+    server.apply(json(
+        &service("ns", "c")
+            .cluster_ip("172.30.0.3")
+            .port("p", 80, "TCP")
+            .build(),
+    ));
+    expect(&mut rx, &["S+c"]).await;
+    let services: Vec<bool> = seen
+        .watches
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(r, _)| r == "services")
+        .map(|(_, up)| *up)
+        .collect();
+    assert_eq!(services, [true, false, true]);
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), source)
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -1,13 +1,12 @@
 //! Test harness for the model: feed objects, sync, and ask where packets go.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kpr_model::intent::{HostView, Intent, Packet, Target, intent};
 use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
 use kpr_model::{
     DesiredState, Input, IpFamily, Protocol, ServicePortDesired, Skipped, Trackers, Update, desired,
 };
+use kpr_model::{EndpointSlice, Node, Service};
 use kpr_testkit::{CLUSTER_CIDR, NODE, NODE_IP, NODE_IP6};
 
 pub struct Harness {
