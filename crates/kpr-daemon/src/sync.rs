@@ -853,6 +853,29 @@ mod tests {
         task.abort();
     }
 
+    /// Issue 13 / §7.1: a source that cannot list (here the EndpointSlices never arrive) while
+    /// the Services did leaves their change queued and never synced, so the proxy turns
+    /// unhealthy after 2 x syncPeriod, upstream's rule for a proxy that cannot sync; a proxy
+    /// that has received nothing at all (the API server down at start) has nothing queued and
+    /// stays healthy, as upstream's does, so a liveness probe does not restart-loop it.
+    #[test]
+    fn a_source_that_cannot_list_turns_health_503_after_twice_the_sync_period() {
+        let now = std::time::SystemTime::now();
+        let timeout = 2 * cfg().sync_period;
+        let health = kpr_ops::server::Health::new(kpr_ops::health::HealthModel::new(
+            &["IPv4", "IPv6"],
+            now,
+            timeout,
+        ));
+        let mut state = SyncState::new(cfg()).with_health(health.clone());
+        let later = now + timeout + Duration::from_secs(1);
+        assert!(health.healthy(later), "nothing received, nothing queued");
+        state.record(Input::Services(Update::Replace(vec![svc(1)])));
+        assert!(!state.ready(), "the slices have not been listed");
+        assert!(health.healthy(now + timeout / 2));
+        assert!(!health.healthy(later), "queued longer than 2 x syncPeriod");
+    }
+
     /// §2.3: the node's IPs change (or its Node is deleted): the loop stops and says why.
     #[tokio::test(start_paused = true)]
     async fn a_node_ip_change_ends_the_loop_with_a_reason() {

@@ -74,6 +74,7 @@ in_every_mode!(
     a_deleted_or_flushed_table_is_restored_within_a_second,
     rules_survive_a_restart_and_established_connections_keep_working,
     api_server_source_end_to_end,
+    odd_objects_from_the_api_server_are_programmed_and_never_blind_the_proxy,
     t7_1_health_endpoints,
     t7_2_health_check_node_port,
     cleanup_removes_every_rule_of_ours_and_upstreams,
@@ -1050,6 +1051,107 @@ fn api_server_source_end_to_end(mode: Mode) {
     Lab::wait_for("web gone", Duration::from_secs(40), || {
         !matches!(c.lab.tcp(&client, "172.30.0.10", 80), Reply::Ok(_))
     });
+}
+
+/// Issue 13, with the real binary: objects the full API types cannot decode (a status
+/// condition without lastTransitionTime, nulls in every optional field, unknown and newer
+/// fields; an odd Node too) are served by the API server. At start, the odd Service is
+/// programmed from its spec and so is the normal one beside it; while running, another odd
+/// Service arrives and the first is deleted right after, a normal Service is added, and a
+/// deletion the proxy cannot even decode (a garbled watch line) still takes effect, through
+/// the relist that follows the watch error. The metrics show the requests and the watches.
+fn odd_objects_from_the_api_server_are_programmed_and_never_blind_the_proxy(mode: Mode) {
+    use kpr_testkit::odd;
+    let Some(mut c) = Cluster::new("odd", mode) else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", None);
+    c.pod("pod1", "10.0.0.11", None);
+    c.pod("pod2", "10.0.0.12", None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = rt
+        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
+            netns: Some(c.node.clone()),
+            ..Default::default()
+        }))
+        .unwrap();
+    let obj = |yaml: &str| -> serde_json::Value { serde_saphyr::from_str(yaml).unwrap() };
+    api.apply(odd::node("node-a", "192.168.0.2"));
+    api.apply(odd::service("default", "odd", "172.30.0.20", 80));
+    api.apply(odd::slice("default", "odd", &["10.0.0.11"], "node-a", 8080));
+    api.apply(obj(&service("web", "172.30.0.10", "", WEB_PORTS)));
+    api.apply(obj(&slice(
+        "web",
+        "IPv4",
+        &[("10.0.0.12", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    c.start_proxy_with(&format!("--master {}", api.url()));
+    assert_eq!(
+        who(&c.lab.tcp(&client, "172.30.0.20", 80)),
+        "pod1",
+        "the odd Service is programmed from its spec"
+    );
+    assert_eq!(
+        who(&c.lab.tcp(&client, "172.30.0.10", 80)),
+        "pod2",
+        "the Service listed beside it is programmed at start"
+    );
+
+    // While running: a second odd Service, the first one deleted right after, a normal one.
+    api.apply(odd::service("default", "odd2", "172.30.0.21", 80));
+    api.apply(odd::slice(
+        "default",
+        "odd2",
+        &["10.0.0.12"],
+        "node-a",
+        8080,
+    ));
+    api.delete(kpr_apiserver::Kind::Service, "default", "odd");
+    api.apply(obj(&service("late", "172.30.0.22", "", WEB_PORTS)));
+    api.apply(obj(&slice(
+        "late",
+        "IPv4",
+        &[("10.0.0.11", "node-a")],
+        WEB_EP_PORTS,
+    )));
+    Lab::wait_for(
+        "odd2 and late programmed, odd removed",
+        Duration::from_secs(10),
+        || {
+            let answers = |ip: &str, pod: &str| matches!(c.lab.tcp(&client, ip, 80), Reply::Ok(l) if l.starts_with(pod));
+            answers("172.30.0.21", "pod2")
+                && answers("172.30.0.22", "pod1")
+                && !matches!(c.lab.tcp(&client, "172.30.0.20", 80), Reply::Ok(_))
+        },
+    );
+
+    // A deletion sent as a line nobody can decode: the watch fails, the proxy relists, and the
+    // Service it never saw deleted is removed all the same.
+    assert!(api.delete_garbled(kpr_apiserver::Kind::Service, "default", "web"));
+    Lab::wait_for(
+        "web removed after the relist",
+        Duration::from_secs(10),
+        || !matches!(c.lab.tcp(&client, "172.30.0.10", 80), Reply::Ok(_)),
+    );
+    assert!(
+        c.logged("Watch failed") && c.logged("Watch restored"),
+        "the outage is logged when it starts and when it ends"
+    );
+    let metrics = c.http_get(10249, "/metrics");
+    let host = api.url().trim_start_matches("http://").to_owned();
+    for series in [
+        format!("rest_client_requests_total{{code=\"200\",host=\"{host}\",method=\"GET\"}}"),
+        "kpr_watch_up{resource=\"services\"} 1".to_owned(),
+        "kpr_watch_failures_total{resource=\"services\"} 1".to_owned(),
+        "kpr_watch_up{resource=\"endpointslices\"} 1".to_owned(),
+    ] {
+        assert!(metrics.contains(&series), "no {series} in\n{metrics}");
+    }
 }
 
 /// The in-cluster path: no --kubeconfig or --master, the service-account token and CA in

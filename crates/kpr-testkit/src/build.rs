@@ -91,7 +91,6 @@ impl ServiceBuilder {
                 port: Some(port.into()),
                 protocol: Some(protocol.into()),
                 node_port: (node_port != 0).then_some(node_port.into()),
-                ..ServicePort::default()
             });
         self
     }
