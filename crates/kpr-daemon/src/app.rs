@@ -13,8 +13,13 @@ use tokio::sync::{mpsc, watch};
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("sandbox") {
-        return sandbox();
+    match std::env::args().nth(1).as_deref() {
+        Some("sandbox") => return sandbox(),
+        Some("explain") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            return crate::debug::cli::explain(&args);
+        }
+        _ => {}
     }
     let flags = match Flags::try_parse_args(std::env::args_os()) {
         Ok(f) => f,
@@ -114,7 +119,15 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         ),
         &metrics,
     );
+    let hub = crate::debug::Hub::new(crate::debug::Static {
+        mode: proxy.mode.as_str(),
+        masquerade_bit: proxy.masquerade_bit,
+        node_ports: proxy.node_port_addresses.clone(),
+        localhost_node_ports: proxy.localhost_node_ports,
+        configz: serde_json::to_value(&resolved.file_config).unwrap_or_default(),
+    });
     let mut state = SyncState::new(cfg)
+        .with_debug(hub.clone())
         .with_health(health.clone())
         .with_metrics(metrics.clone())
         .with_service_health(
@@ -195,7 +208,13 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         if let Some(addr) = proxy.metrics_bind_address {
             let mode = proxy.mode.as_str();
             tokio::spawn(serve_retrying(addr, "/metrics", move |l| {
-                kpr_ops::server::serve_metrics(l, metrics.clone(), mode, std::future::pending())
+                kpr_ops::server::serve_metrics(
+                    l,
+                    metrics.clone(),
+                    mode,
+                    crate::debug::routes::router(hub.clone()),
+                    std::future::pending(),
+                )
             }));
         }
         match config_file {
@@ -425,7 +444,7 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 /// The sync loop's settings from the configuration (§2.2 node name, §4.10 detection).
-fn sync_config(proxy: &ProxyConfig) -> anyhow::Result<SyncConfig> {
+pub(crate) fn sync_config(proxy: &ProxyConfig) -> anyhow::Result<SyncConfig> {
     let node_name = match &proxy.hostname_override {
         Some(n) => n.clone(),
         None => match std::env::var("NODE_NAME")

@@ -443,7 +443,7 @@ pub fn iptables_text(
 }
 
 /// This host's interface addresses (for `nodePortAddresses` CIDRs), read with `ip -o addr`.
-fn local_addresses() -> Vec<IpAddr> {
+pub(crate) fn local_addresses() -> Vec<IpAddr> {
     let Ok(out) = std::process::Command::new("ip")
         .args(["-o", "addr", "show"])
         .output()

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod dataplane;
+pub mod debug;
 pub mod latency;
 pub mod logging;
 pub mod report;

@@ -73,6 +73,10 @@ pub struct SyncState {
         kpr_ops::service_health::ServiceHealth,
         kpr_config::NodePortAddresses,
     )>,
+    /// The debug surface: sync records, and snapshots published when a reader asks.
+    debug: Option<std::sync::Arc<crate::debug::Hub>>,
+    /// When each Service last changed in the kernel (for the debug surface).
+    changes: std::collections::BTreeMap<kpr_model::ServiceName, crate::debug::ServiceChange>,
 }
 
 /// The node facts the process cannot change without a restart (§2.3).
@@ -99,7 +103,66 @@ impl SyncState {
             health: None,
             metrics: None,
             service_health: None,
+            debug: None,
+            changes: std::collections::BTreeMap::new(),
         }
+    }
+
+    /// Records syncs into this debug hub and publishes snapshots when its readers ask.
+    pub fn with_debug(mut self, hub: std::sync::Arc<crate::debug::Hub>) -> SyncState {
+        self.debug = Some(hub);
+        self
+    }
+
+    /// Publishes a snapshot for the debug readers, if one is wanted and the last is stale.
+    pub fn publish_debug(&self) {
+        let Some(hub) = &self.debug else {
+            return;
+        };
+        if !hub.stale() {
+            return;
+        }
+        hub.publish(crate::debug::Snapshot {
+            generation: hub.syncs_done(),
+            taken: std::time::SystemTime::now(),
+            state: self.trackers.state().clone(),
+            desired: self.desired.clone(),
+            node: self.node_context(),
+            changes: self.changes.clone(),
+        });
+    }
+
+    /// After a sync: its record for the debug surface, and when its Services changed.
+    fn record_debug(&mut self, report: &SyncReport, elapsed: Duration) {
+        let Some(hub) = &self.debug else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        let latency = report.network_programming.iter().max().copied();
+        let (operations, result) = match &report.applied {
+            Some(Ok(a)) => (a.families.iter().map(|(_, n, _)| n).sum(), "ok".to_owned()),
+            Some(Err(e)) => (0, e.clone()),
+            None => (0, "ok (no data plane)".to_owned()),
+        };
+        if matches!(report.applied, None | Some(Ok(_))) {
+            for name in &report.plan.changed_services {
+                self.changes.insert(
+                    name.clone(),
+                    crate::debug::ServiceChange { at: now, latency },
+                );
+            }
+            self.changes
+                .retain(|name, _| self.trackers.state().service(name).is_some());
+        }
+        hub.record_sync(crate::debug::SyncRecord {
+            time: kpr_ops::time::rfc3339_nano(now),
+            full: report.plan.full,
+            changed_services: report.plan.changed_services.len(),
+            operations,
+            duration_seconds: elapsed.as_secs_f64(),
+            result,
+            programming_latency_seconds: latency.map(|d| d.as_secs_f64()),
+        });
     }
 
     /// Programs the kernel through this data plane on every sync.
@@ -480,6 +543,11 @@ impl SyncState {
         self.ready() && (self.force || self.trackers.has_pending())
     }
 
+    /// The cluster as the loop knows it.
+    pub fn cluster_state(&self) -> &kpr_model::ClusterState {
+        self.trackers.state()
+    }
+
     pub fn desired(&self) -> &DesiredState {
         &self.desired
     }
@@ -620,8 +688,11 @@ pub async fn run(
                 }
                 None => break,
             },
+            _ = wanted(&state.debug) => state.publish_debug(),
             _ = sleep_until(due), if due.is_some() => {
+                let started = Instant::now();
                 let report = state.sync();
+                state.record_debug(&report, started.elapsed());
                 last_sync = Some(Instant::now());
                 retry_delay = match &report.applied {
                     Some(Err(_)) => (retry_delay * 2).clamp(Duration::from_secs(1), state.cfg.sync_period),
@@ -652,6 +723,14 @@ pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 /// How often, at most, the data plane's tables are checked for outside deletion or flushing
 /// (less often on large tables, where one check costs more; see `run`).
 pub const REPAIR_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Resolves when a debug reader wants a snapshot (never without a hub).
+async fn wanted(hub: &Option<std::sync::Arc<crate::debug::Hub>>) {
+    match hub {
+        Some(h) => h.wanted().await,
+        None => std::future::pending().await,
+    }
+}
 
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {

@@ -315,7 +315,7 @@ fn firewall(
 /// Merges one service port's endpoints from all its slices of one family (§3.3): ports match by
 /// name and protocol; the same ip:port in several slices keeps the non-terminating entry; the
 /// result is sorted by (ip, port).
-fn merge_endpoints(
+pub(crate) fn merge_endpoints(
     slices: &[&ParsedSlice],
     port_name: &str,
     protocol: Protocol,

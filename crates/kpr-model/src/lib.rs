@@ -11,6 +11,7 @@
 //! Invalid objects are skipped and reported as [`Skipped`] values for the caller to log.
 
 pub mod desired;
+pub mod explain;
 pub mod input;
 pub mod intent;
 pub mod names;

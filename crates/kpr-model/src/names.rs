@@ -34,6 +34,13 @@ impl IpFamily {
     }
 }
 
+/// Serialized as it prints (`IPv4`, `IPv6`), upstream's label values.
+impl serde::Serialize for IpFamily {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl fmt::Display for IpFamily {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.label())

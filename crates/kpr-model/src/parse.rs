@@ -89,6 +89,8 @@ pub struct SliceEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// The endpoint's own zone (shown by explain; selection uses hints).
+    pub zone: Option<String>,
     pub zone_hints: BTreeSet<String>,
     pub node_hints: BTreeSet<String>,
 }
@@ -413,6 +415,7 @@ pub fn parse_slice(
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.clone().filter(|n| !n.is_empty()),
+            zone: ep.zone.clone().filter(|z| !z.is_empty()),
             zone_hints: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .into_iter()

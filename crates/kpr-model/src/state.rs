@@ -44,6 +44,42 @@ impl ClusterState {
             .flat_map(|s| s.values().map(Arc::as_ref))
     }
 
+    /// One service port's endpoints of one family, merged from its slices as the desired
+    /// state merges them (§3.3), with what selection reads.
+    pub fn endpoint_infos(
+        &self,
+        port: &ServicePortName,
+        family: crate::names::IpFamily,
+        node: &str,
+    ) -> Vec<crate::topology::EndpointInfo> {
+        let slices: Vec<&ParsedSlice> = self
+            .slices(&port.service)
+            .filter(|s| s.family == family)
+            .collect();
+        crate::desired::merge_endpoints(&slices, &port.port, port.protocol, node)
+    }
+
+    /// Where a service port's endpoint addresses are: their zone and node, by IP.
+    #[allow(clippy::type_complexity)]
+    pub fn endpoint_places(
+        &self,
+        port: &ServicePortName,
+        family: crate::names::IpFamily,
+    ) -> (
+        BTreeMap<std::net::IpAddr, Option<String>>,
+        BTreeMap<std::net::IpAddr, Option<String>>,
+    ) {
+        let mut zones = BTreeMap::new();
+        let mut nodes = BTreeMap::new();
+        for s in self.slices(&port.service).filter(|s| s.family == family) {
+            for e in &s.endpoints {
+                zones.insert(e.ip, e.zone.clone());
+                nodes.insert(e.ip, e.node_name.clone());
+            }
+        }
+        (zones, nodes)
+    }
+
     pub fn node(&self) -> Option<&NodeFacts> {
         self.node.as_ref()
     }

@@ -118,14 +118,16 @@ pub async fn serve(
 }
 
 /// Serves the metrics server's paths (§8) on `listener` until `shutdown` resolves:
-/// `/metrics`, `/healthz` (always `ok`) and `/proxyMode`.
+/// `/metrics`, `/healthz` (always `ok`) and `/proxyMode`, and the routes of `extra` (the
+/// daemon's debug surface).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<crate::metrics::Metrics>,
     proxy_mode: &'static str,
+    extra: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new()
+    let app = extra
         .route(
             "/metrics",
             axum::routing::get(move || async move {
