@@ -25,6 +25,12 @@ pub(crate) struct Daemon {
     /// VmHWM, KiB.
     pub(crate) peak_rss_kib: Option<u64>,
     pub(crate) cpu_per_1000: Option<f64>,
+    /// Issue 14: `/debug/explain` answers (HTTP round trip) while updates run.
+    pub(crate) explain: Option<Quantiles>,
+    /// `/debug/services` of every port: time to read the whole streamed answer, and its size.
+    pub(crate) services_listing: Option<(Duration, usize)>,
+    /// Network-programming latency while the debug endpoints are queried without pause.
+    pub(crate) latency_queried: Option<Quantiles>,
     pub(crate) notes: Vec<String>,
 }
 
@@ -84,7 +90,8 @@ pub(crate) fn measure(
         .args(["--hostname-override", cluster::NODE])
         .args(["--cluster-cidr", "10.0.0.0/8"])
         .args(["--iptables-min-sync-period", "0s"])
-        .args(["--healthz-port", "0", "--metrics-port", "0", "-v", "4"])
+        // Metrics and debug endpoints on 127.0.0.1:10249 of the node namespace.
+        .args(["--healthz-port", "0", "-v", "4"])
         // The back end the library measurements use (a fresh namespace would pick it anyway).
         .env("KPR_IPTABLES_BACKEND", "nft")
         .stdin(Stdio::null())
@@ -173,39 +180,43 @@ pub(crate) fn measure(
     }
 
     let cpu_before = cpu_ticks(pid);
-    let phase = Instant::now();
     let mut generations = std::collections::HashMap::<u32, u32>::new();
-    let mut done = 0usize;
-    for step in 1..=updates {
-        if done >= updates.min(5) && phase.elapsed() > budget {
-            out.notes.push(format!(
-                "capped: daemon {} {n}x{e}: {done} of {updates} EndpointSlice updates (time budget {budget:?})",
-                mode.flag()
-            ));
-            break;
+    let mut update = |count: usize, out: &mut Daemon, child: &mut std::process::Child| {
+        let phase = Instant::now();
+        let mut done = 0usize;
+        for step in 1..=count {
+            if done >= count.min(5) && phase.elapsed() > budget {
+                out.notes.push(format!(
+                    "capped: daemon {} {n}x{e}: {done} of {count} EndpointSlice updates (time budget {budget:?})",
+                    mode.flag()
+                ));
+                break;
+            }
+            let svc = (step as u64 * 7919 % u64::from(n)) as u32;
+            let g = generations.entry(svc).or_default();
+            *g += 1;
+            let before = counts(&log).1;
+            let trigger = kpr_ops::time::rfc3339_nano(SystemTime::now());
+            api.apply(cluster::slice(svc, e, *g, Some(&trigger)));
+            let wait = Instant::now();
+            let limit = Duration::from_secs(120);
+            while counts(&log).1 == before && wait.elapsed() < limit {
+                assert!(alive(child), "the daemon exited during the updates");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if counts(&log).1 == before {
+                out.notes.push(format!(
+                    "daemon {} {n}x{e}: update {step} not synced within {limit:?}: updates stopped",
+                    mode.flag()
+                ));
+                break;
+            }
+            done += 1;
+            std::thread::sleep(SPACING);
         }
-        let svc = (step as u64 * 7919 % u64::from(n)) as u32;
-        let g = generations.entry(svc).or_default();
-        *g += 1;
-        let before = counts(&log).1;
-        let trigger = kpr_ops::time::rfc3339_nano(SystemTime::now());
-        api.apply(cluster::slice(svc, e, *g, Some(&trigger)));
-        let wait = Instant::now();
-        let limit = Duration::from_secs(120);
-        while counts(&log).1 == before && wait.elapsed() < limit {
-            assert!(alive(&mut child), "the daemon exited during the updates");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if counts(&log).1 == before {
-            out.notes.push(format!(
-                "daemon {} {n}x{e}: update {step} not synced within {limit:?}: updates stopped",
-                mode.flag()
-            ));
-            break;
-        }
-        done += 1;
-        std::thread::sleep(SPACING);
-    }
+        done
+    };
+    let done = update(updates, &mut out, &mut child);
     let cpu_after = cpu_ticks(pid);
     if let (Some(a), Some(b)) = (cpu_before, cpu_after)
         && done > 0
@@ -213,18 +224,60 @@ pub(crate) fn measure(
         let secs = (b - a) as f64 / clock_ticks() as f64;
         out.cpu_per_1000 = Some(secs * 1000.0 / done as f64);
     }
+    // Issue 14: the same updates again while a reader queries the debug endpoints without
+    // pause (explain for random Services, and every 20th request the whole /debug/services).
+    let quiet_lines = counts(&log).1;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (explains, listing, queried_done) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            crate::netns::enter(ns.name());
+            let mut explains = Vec::new();
+            let mut listing = None;
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                if i % 20 == 0 {
+                    if let Some((t, bytes)) = http_get("/debug/services") {
+                        listing = Some((t, bytes));
+                    }
+                    continue;
+                }
+                let svc = (u64::from(i) * 104_729 % u64::from(n)) as u32;
+                let path = format!(
+                    "/debug/explain?from=10.0.0.5&to={}:80&proto=tcp",
+                    cluster::cluster_ip(svc)
+                );
+                if let Some((t, _)) = http_get(&path) {
+                    explains.push(t);
+                }
+            }
+            (explains, listing)
+        });
+        let done = update(updates.min(200), &mut out, &mut child);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (explains, listing) = reader.join().unwrap_or_default();
+        (explains, listing, done)
+    });
+    out.explain = Quantiles::of(explains);
+    out.services_listing = listing;
     out.peak_rss_kib = status_kib(pid, "VmHWM");
     let _ = child.kill();
     let _ = child.wait();
     let _ = reader.join();
     rt.block_on(api.stop());
     let l = log.lock().unwrap_or_else(|e| e.into_inner());
-    let latencies: Vec<Duration> = l
-        .latency
-        .iter()
-        .filter_map(|line| field(line, "max_us"))
-        .map(Duration::from_micros)
-        .collect();
+    let of = |lines: &[String]| -> Vec<Duration> {
+        lines
+            .iter()
+            .filter_map(|line| field(line, "max_us"))
+            .map(Duration::from_micros)
+            .collect()
+    };
+    let split = quiet_lines.min(l.latency.len());
+    let latencies = of(&l.latency[..split]);
+    if queried_done > 0 {
+        out.latency_queried = Quantiles::of(of(&l.latency[split..]));
+    }
     if latencies.len() < done {
         out.notes.push(format!(
             "daemon {} {n}x{e}: {} latency lines for {done} updates",
@@ -250,6 +303,24 @@ pub(crate) fn measure(
             .push(format!("daemon log kept: {}", log_path.display()));
     }
     out
+}
+
+/// A GET to the daemon's metrics address, from a thread inside its namespace: the time to
+/// read the whole answer and its size (`None` unless 200).
+fn http_get(path: &str) -> Option<(Duration, usize)> {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut s = std::net::TcpStream::connect("127.0.0.1:10249").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).ok()?;
+    body.starts_with(b"HTTP/1.1 200")
+        .then(|| (start.elapsed(), body.len()))
 }
 
 /// `key=123` in a klog line.

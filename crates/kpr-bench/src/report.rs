@@ -176,6 +176,30 @@ pub(crate) fn control_plane_table(rows: &[Row]) -> String {
     s
 }
 
+/// The debug-surface table (issue 14), markdown: explain and `/debug/services` answered by the
+/// daemon while it programs updates, and the programming latency with and without the queries.
+pub(crate) fn debug_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| mode | N x E | /debug/explain p50 / p99 (n) | /debug/services, whole answer | programming latency p50 / p99, quiet | the same while queried |\n");
+    s.push_str("|---|---|---|---|---|---|\n");
+    for r in rows {
+        let Some(d) = &r.daemon else { continue };
+        let listing = d.services_listing.map_or_else(dash, |(t, b)| {
+            format!("{} ({} KB, streamed)", fmt_dur(t), thousands(b as u64 / 1000))
+        });
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {listing} | {} | {} |",
+            r.mode.flag(),
+            size(r.n, r.e),
+            q(&d.explain),
+            q(&d.latency),
+            q(&d.latency_queried),
+        );
+    }
+    s
+}
+
 /// The data-plane table, markdown.
 pub(crate) fn data_plane_table(dp: &[DpRow]) -> String {
     let mut s = String::new();
@@ -274,6 +298,13 @@ pub(crate) fn targets(res: &Results) -> Vec<String> {
         );
     }
     check(
+        "explain answer at 10,000 x 10 < 50 ms (p99, HTTP round trip)",
+        under(
+            dmn(10_000, 10).and_then(|d| d.explain.map(|q| q.p99)),
+            Duration::from_millis(50),
+        ),
+    );
+    check(
         "daemon peak RSS at 10,000 x 10 < 60 MB",
         dmn(10_000, 10).and_then(|d| d.peak_rss_kib).map(|k| {
             let mb = k as f64 * 1024.0 / 1e6;
@@ -310,6 +341,9 @@ pub(crate) fn render(res: &Results) -> String {
     );
     s.push_str("### Control plane\n\n");
     s.push_str(&control_plane_table(&res.rows));
+    s.push('\n');
+    s.push_str("### Debug surface while programming (issue 14)\n\n");
+    s.push_str(&debug_table(&res.rows));
     s.push('\n');
     s.push_str("### Data plane\n\n");
     s.push_str(&data_plane_table(&res.dp));

@@ -20,6 +20,7 @@ use std::net::IpAddr;
 
 /// The answer for one packet.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Explanation {
     pub packet: PacketView,
     pub family: IpFamily,
@@ -44,6 +45,7 @@ pub struct Explanation {
 
 /// The packet as asked about.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PacketView {
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -55,6 +57,7 @@ pub struct PacketView {
 
 /// A frontend of a service port.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Frontend {
     /// `ClusterIP`, `NodePort`, `externalIP` or `LoadBalancer`.
     pub kind: String,
@@ -69,6 +72,7 @@ pub struct Frontend {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Firewall {
     pub allowed: bool,
     /// The source ranges (and LB IPs, when the node is inside a range).
@@ -78,6 +82,7 @@ pub struct Firewall {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Policy {
     /// `internal` or `external`.
     pub traffic: String,
@@ -88,6 +93,7 @@ pub struct Policy {
 
 /// One endpoint of the port.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct EndpointView {
     pub address: String,
     pub ready: bool,
@@ -104,6 +110,7 @@ pub struct EndpointView {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Verdict {
     /// `DNAT`, `DROP`, `REJECT` or `PASS`.
     pub action: String,
@@ -113,6 +120,7 @@ pub struct Verdict {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TargetView {
     pub endpoint: String,
     pub probability: f64,
@@ -120,6 +128,7 @@ pub struct TargetView {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Masquerade {
     pub masquerade: bool,
     pub why: String,

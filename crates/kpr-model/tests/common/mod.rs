@@ -99,6 +99,7 @@ impl Harness {
 }
 
 /// A packet builder: `from_pod("10.0.0.5").to("172.30.0.1", 80, Protocol::Tcp)`.
+#[derive(Clone)]
 pub struct From {
     src: String,
     from_host: bool,
