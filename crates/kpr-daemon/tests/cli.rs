@@ -249,3 +249,57 @@ fn dry_run_prints_the_nftables_ruleset_of_the_examples() {
         .expect("a ruleset section");
     insta::assert_snapshot!("dry_run_nftables_ruleset", ruleset);
 }
+
+/// Issue 14: `explain` offline on the example manifests answers in text and JSON; bad input
+/// exits 2 with a message naming the field, an unreachable proxy exits 1, nothing panics.
+#[test]
+fn explain_offline_answers_and_refuses_bad_input() {
+    let offline = [
+        "--manifests",
+        "examples/manifests",
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+        "--proxy-mode",
+        "nftables",
+    ];
+    let explain = |q: &[&str]| kpr(&[&["explain"][..], q, &offline[..]].concat());
+    let out = explain(&["--from", "203.0.113.7", "--to", "192.168.0.2:30081"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let answer = text(&out.stdout);
+    assert!(
+        answer.contains("Frontend: NodePort 192.168.0.2:30081 of shop/frontend:http"),
+        "{answer}"
+    );
+    assert!(answer.contains("not on this node"), "{answer}");
+    let out = explain(&["--from=10.0.0.5", "--to=172.30.0.10:80", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["verdict"]["action"], "DNAT");
+    assert_eq!(v["verdict"]["targets"].as_array().map(Vec::len), Some(3));
+    for (q, says) in [
+        (&["--from", "10.0.0.5"][..], "--to"),
+        (&["--to", "172.30.0.10"][..], "to:"),
+        (&["--to", "172.30.0.10:70000", "--from", "10.0.0.5"][..], "to:"),
+        (&["--to", "172.30.0.10:80", "--from", "10.0.0.5", "--proto", "icmp"][..], "proto"),
+        (&["--to", "172.30.0.10:80", "--from", "10.0.0.999"][..], "from"),
+        (&["--to", "172.30.0.10:80", "--from", "10.0.0.5", "-o", "yaml"][..], "--output"),
+    ] {
+        let out = explain(q);
+        assert_eq!(out.status.code(), Some(2), "{q:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{q:?}: {}", text(&out.stderr));
+    }
+    // Live mode against a port where nothing listens: cannot reach the proxy.
+    let out = kpr(&[
+        "explain",
+        "--to",
+        "172.30.0.10:80",
+        "--from",
+        "10.0.0.5",
+        "--server",
+        "http://127.0.0.1:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("cannot ask the proxy"));
+}
