@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: formatting, clippy, and the whole test suite. Installs the system
-# packages the tests need (nftables, iptables, iproute2, conntrack, socat) when missing.
+# packages the tests need (nftables, iptables, iproute2, conntrack, socat, chromium) when missing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$(repo_root)"
-ensure_packages nftables iptables iproute2 conntrack socat
+ensure_packages nftables iptables iproute2 conntrack socat chromium
 ensure_cargo
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

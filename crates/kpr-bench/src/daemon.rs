@@ -236,7 +236,7 @@ pub(crate) fn measure(
             let mut i = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
-                if i % 20 == 0 {
+                if i.is_multiple_of(20) {
                     if let Some((t, bytes)) = http_get("/debug/services") {
                         listing = Some((t, bytes));
                     }

@@ -185,7 +185,11 @@ pub(crate) fn debug_table(rows: &[Row]) -> String {
     for r in rows {
         let Some(d) = &r.daemon else { continue };
         let listing = d.services_listing.map_or_else(dash, |(t, b)| {
-            format!("{} ({} KB, streamed)", fmt_dur(t), thousands(b as u64 / 1000))
+            format!(
+                "{} ({} KB, streamed)",
+                fmt_dur(t),
+                thousands(b as u64 / 1000)
+            )
         });
         let _ = writeln!(
             s,

@@ -1,7 +1,8 @@
 //! ctnetlink: dump the conntrack table of one family and delete entries by their original
-//! tuple, in the calling process's network namespace.
+//! tuple, in the calling process's network namespace. Both need CAP_NET_ADMIN in the user
+//! namespace owning that network namespace.
 
-use crate::reconcile::Flow;
+use crate::flow::Flow;
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -18,7 +19,14 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_STATUS: u16 = 3;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_TIMEOUT: u16 = 7;
 const CTA_ZONE: u16 = 18;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_SCTP: u16 = 3;
+/// CTA_PROTOINFO_TCP_STATE and CTA_PROTOINFO_SCTP_STATE.
+const CTA_PROTOINFO_STATE: u16 = 1;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -38,8 +46,19 @@ pub enum Error {
     Kernel(i32),
 }
 
+impl Error {
+    /// The kernel refused for want of privilege (EPERM, EACCES): ctnetlink needs
+    /// CAP_NET_ADMIN.
+    pub fn needs_privilege(&self) -> bool {
+        match self {
+            Error::Io(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+            Error::Kernel(code) => *code == 1 || *code == 13,
+        }
+    }
+}
+
 /// An IP family, as ctnetlink names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     V4,
     V6,
@@ -141,25 +160,42 @@ fn tuple(b: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
     ))
 }
 
+fn be32(v: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+/// The TCP or SCTP state in a CTA_PROTOINFO nest.
+fn proto_state(b: &[u8]) -> Option<u8> {
+    attrs(b)
+        .into_iter()
+        .filter(|(k, _)| matches!(*k, CTA_PROTOINFO_TCP | CTA_PROTOINFO_SCTP))
+        .flat_map(|(_, v)| attrs(v))
+        .find_map(|(k, v)| (k == CTA_PROTOINFO_STATE).then(|| v.first().copied())?)
+}
+
 /// A flow from one conntrack message's payload (after the nfgenmsg).
 fn flow(payload: &[u8]) -> Option<Flow> {
     let (mut orig, mut reply, mut zone) = (None, None, None);
+    let (mut status, mut timeout, mut state) = (0, None, None);
     for (k, v) in attrs(payload) {
         match k {
             CTA_TUPLE_ORIG => orig = tuple(v),
             CTA_TUPLE_REPLY => reply = tuple(v),
             CTA_ZONE if v.len() >= 2 => zone = Some(u16::from_be_bytes([v[0], v[1]])),
+            CTA_STATUS => status = be32(v).unwrap_or(0),
+            CTA_TIMEOUT => timeout = be32(v),
+            CTA_PROTOINFO => state = proto_state(v),
             _ => {}
         }
     }
     let (orig_src, orig_dst, proto) = orig?;
-    let (reply_src, _, _) = reply?;
+    let (reply_src, reply_dst, _) = reply?;
     Some(Flow {
-        proto,
-        orig_src,
-        orig_dst,
-        reply_src,
         zone,
+        status,
+        timeout,
+        state,
+        ..Flow::new(proto, (orig_src, orig_dst), (reply_src, reply_dst))
     })
 }
 
@@ -202,7 +238,7 @@ fn exchange(s: &Socket, request: &[u8], dump: bool) -> Result<Vec<Vec<u8>>, Erro
     }
 }
 
-/// Every conntrack entry of `family` (in this network namespace).
+/// Every conntrack entry of `family`, every protocol (in this network namespace).
 pub fn list(family: Family) -> Result<Vec<Flow>, Error> {
     let s = socket()?;
     let mut req = Vec::with_capacity(20);
@@ -310,6 +346,52 @@ mod tests {
         assert_eq!(f.proto, 17);
         assert_eq!(f.orig_dst.to_string(), "172.30.0.10:53");
         assert_eq!(f.reply_src.to_string(), "10.0.0.11:5353");
+        assert_eq!(f.reply_dst.to_string(), "10.0.0.5:40000");
         assert_eq!(f.zone, None);
+        assert_eq!((f.status, f.timeout, f.state), (0, None, None));
+    }
+
+    #[test]
+    fn status_timeout_and_tcp_state_are_read() {
+        let mut b = Vec::new();
+        for kind in [CTA_TUPLE_ORIG, CTA_TUPLE_REPLY] {
+            nest(&mut b, kind, |b| {
+                nest(b, CTA_TUPLE_IP, |b| {
+                    attr(
+                        b,
+                        CTA_IP_V6_SRC,
+                        &[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5],
+                    );
+                    attr(
+                        b,
+                        CTA_IP_V6_DST,
+                        &[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6],
+                    );
+                });
+                nest(b, CTA_TUPLE_PROTO, |b| {
+                    attr(b, CTA_PROTO_NUM, &[6]);
+                    attr(b, CTA_PROTO_SRC_PORT, &40000u16.to_be_bytes());
+                    attr(b, CTA_PROTO_DST_PORT, &80u16.to_be_bytes());
+                });
+            });
+        }
+        attr(&mut b, CTA_STATUS, &0x1cu32.to_be_bytes());
+        attr(&mut b, CTA_TIMEOUT, &86399u32.to_be_bytes());
+        nest(&mut b, CTA_PROTOINFO, |b| {
+            nest(b, CTA_PROTOINFO_TCP, |b| {
+                attr(b, CTA_PROTOINFO_STATE, &[3]);
+                attr(b, 2, &[7]); // CTA_PROTOINFO_TCP_WSCALE_ORIGINAL
+            })
+        });
+        attr(&mut b, CTA_ZONE, &7u16.to_be_bytes());
+        let f = flow(&b).expect("a flow");
+        assert_eq!(f.orig_src.to_string(), "[fd00::5]:40000");
+        assert_eq!(f.status, 0x1c);
+        assert!(f.assured());
+        assert_eq!(f.timeout, Some(86399));
+        assert_eq!(f.state_name().as_deref(), Some("ESTABLISHED"));
+        assert_eq!(f.zone, Some(7));
+        assert!(Error::Kernel(1).needs_privilege());
+        assert!(!Error::Kernel(2).needs_privilege());
     }
 }

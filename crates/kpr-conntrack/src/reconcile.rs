@@ -1,19 +1,8 @@
 //! Which conntrack flows are stale (§6.2, upstream's `pkg/proxy/conntrack/cleanup.go`).
 
+use crate::flow::{Flow, UDP};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-
-/// One conntrack entry: protocol number, original tuple, reply source, zone.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Flow {
-    pub proto: u8,
-    pub orig_src: SocketAddr,
-    pub orig_dst: SocketAddr,
-    pub reply_src: SocketAddr,
-    pub zone: Option<u16>,
-}
-
-pub const UDP: u8 = 17;
 
 /// A UDP service port with at least one serving endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,13 +43,11 @@ mod tests {
     }
 
     fn flow(proto: u8, dst: &str, reply: &str) -> Flow {
-        Flow {
+        Flow::new(
             proto,
-            orig_src: sa("10.0.0.5:40000"),
-            orig_dst: sa(dst),
-            reply_src: sa(reply),
-            zone: None,
-        }
+            (sa("10.0.0.5:40000"), sa(dst)),
+            (sa(reply), sa("10.0.0.5:40000")),
+        )
     }
 
     #[test]

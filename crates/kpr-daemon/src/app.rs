@@ -19,6 +19,14 @@ pub fn main() -> ExitCode {
             let args: Vec<String> = std::env::args().skip(2).collect();
             return crate::debug::cli::explain(&args);
         }
+        Some("verify") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            return crate::debug::verify::cli(&args);
+        }
+        Some("conntrack") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            return crate::debug::conntrack::conntrack(&args);
+        }
         _ => {}
     }
     let flags = match Flags::try_parse_args(std::env::args_os()) {
@@ -126,6 +134,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         localhost_node_ports: proxy.localhost_node_ports,
         configz: serde_json::to_value(&resolved.file_config).unwrap_or_default(),
     });
+    hub.set_health(health.clone());
     let mut state = SyncState::new(cfg)
         .with_debug(hub.clone())
         .with_health(health.clone())
@@ -185,6 +194,10 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
                 localhost_node_ports: proxy.localhost_node_ports,
                 drop_invalid: !liberal,
             };
+            hub.set_iptables(crate::debug::verify::IptHost {
+                tools: settings.tools,
+                drop_invalid: settings.drop_invalid,
+            });
             let nl = (variant == kpr_dataplane::iptables::exec::Variant::Nft).then_some(exec);
             Dataplane::iptables(
                 settings,
@@ -207,15 +220,34 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         }
         if let Some(addr) = proxy.metrics_bind_address {
             let mode = proxy.mode.as_str();
-            tokio::spawn(serve_retrying(addr, "/metrics", move |l| {
-                kpr_ops::server::serve_metrics(
-                    l,
-                    metrics.clone(),
-                    mode,
-                    crate::debug::routes::router(hub.clone()),
-                    std::future::pending(),
-                )
-            }));
+            // A thread and runtime of its own: scrapes and debug readers (a streamed listing of
+            // 10,000 service ports, explain) never take the sync loop's thread.
+            let spawned = std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!("Cannot start the metrics server's runtime: {e}");
+                            return;
+                        }
+                    };
+                    rt.block_on(serve_retrying(addr, "/metrics", move |l| {
+                        kpr_ops::server::serve_metrics(
+                            l,
+                            metrics.clone(),
+                            mode,
+                            crate::debug::routes::router(hub.clone()),
+                            std::future::pending(),
+                        )
+                    }));
+                });
+            if let Err(e) = spawned {
+                tracing::error!("Cannot start the metrics server's thread: {e}");
+            }
         }
         match config_file {
             Some(path) => tokio::select! {

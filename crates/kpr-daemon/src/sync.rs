@@ -564,6 +564,7 @@ impl SyncState {
 
     /// Brings the desired state up to date with everything recorded so far.
     pub fn sync(&mut self) -> SyncReport {
+        let started = Instant::now();
         let facts = self.trackers.state().node();
         let ctx = self.node_context();
         let policy = ProxyPolicy::new(self.cfg.masquerade_all, &self.cfg.detect_local, facts);
@@ -621,13 +622,15 @@ impl SyncState {
             .iter()
             .map(|(f, d)| (*f, d.ports.len()))
             .collect();
-        SyncReport {
+        let report = SyncReport {
             plan,
             ports,
             applied,
             network_programming,
             mode: self.mode(),
-        }
+        };
+        self.record_debug(&report, started.elapsed());
+        report
     }
 }
 
@@ -652,6 +655,16 @@ pub async fn run(
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     full_periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_repair = Instant::now() + REPAIR_INTERVAL;
+    // The drift check: a full comparison of the kernel with what was committed, run off this
+    // thread (this loop never waits for it), while the last sync succeeded.
+    let drift_every = state.cfg.sync_period.max(DRIFT_MIN_INTERVAL);
+    let mut next_drift = Instant::now() + drift_every;
+    let (drift_tx, mut drift_rx) = mpsc::unbounded_channel();
+    let mut drift = DriftCheck::default();
+    let mut last_ok = false;
+    // Bumped by every sync that wrote to the kernel (or failed): a comparison that started
+    // before one says nothing. Syncs that wrote nothing (the periodic ones) leave it alone.
+    let mut kernel_gen: u64 = 0;
     loop {
         let due = if state.pending() {
             let min = state.cfg.min_sync_period.max(retry_delay);
@@ -668,12 +681,36 @@ pub async fn run(
                 let start = Instant::now();
                 if !state.verify() {
                     tracing::warn!("Our {} rules were deleted or flushed by someone else; restoring them", state.mode());
+                    if let Some(m) = &state.metrics {
+                        m.rules_repaired.inc();
+                    }
                     state.force_full();
                     last_sync = None;
                 }
                 // The check lists a chain through `nft`, whose cost grows with the table (80 ms
                 // at 10,000 Services): keep it under a tenth of the time.
                 next_repair = Instant::now() + REPAIR_INTERVAL.max(start.elapsed() * 10);
+            }
+            _ = tokio::time::sleep_until(next_drift), if !drift.running && !drift.off && state.dataplane.is_some() && state.debug.is_some() => {
+                next_drift = Instant::now() + drift_every;
+                if let (true, Some(_), Some(job)) = (last_ok, last_sync, state.drift_job()) {
+                    drift.running = true;
+                    let (tx, generation) = (drift_tx.clone(), kernel_gen);
+                    tokio::task::spawn_blocking(move || {
+                        let start = std::time::Instant::now();
+                        let found = job.run();
+                        let _ = tx.send((generation, found, start.elapsed()));
+                    });
+                }
+            }
+            Some((generation, found, took)) = drift_rx.recv() => {
+                drift.running = false;
+                // It lists every rule of ours (iptables-nft-save alone takes 8 s at 10,000
+                // Services): keep it under a tenth of the time.
+                next_drift = Instant::now() + drift_every.max(took * 10);
+                if state.drift_found(generation == kernel_gen, found, &mut drift) {
+                    last_sync = None;
+                }
             }
             input = inputs.recv() => match input {
                 Some(input) => {
@@ -690,10 +727,12 @@ pub async fn run(
             },
             _ = wanted(&state.debug) => state.publish_debug(),
             _ = sleep_until(due), if due.is_some() => {
-                let started = Instant::now();
                 let report = state.sync();
-                state.record_debug(&report, started.elapsed());
                 last_sync = Some(Instant::now());
+                last_ok = matches!(report.applied, None | Some(Ok(_)));
+                if !matches!(&report.applied, Some(Ok(a)) if a.families.is_empty()) {
+                    kernel_gen += 1;
+                }
                 retry_delay = match &report.applied {
                     Some(Err(_)) => (retry_delay * 2).clamp(Duration::from_secs(1), state.cfg.sync_period),
                     _ => Duration::ZERO,
@@ -723,6 +762,119 @@ pub const FULL_SYNC_PERIOD: Duration = Duration::from_secs(3600);
 /// How often, at most, the data plane's tables are checked for outside deletion or flushing
 /// (less often on large tables, where one check costs more; see `run`).
 pub const REPAIR_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The drift check runs every syncPeriod, but at most this often (and at most a tenth of the
+/// time: it lists every rule of ours).
+pub const DRIFT_MIN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// At most this many differences are logged per drift check (`kube-proxy-rs verify` lists all).
+const DRIFT_LOG_LINES: usize = 20;
+
+/// The drift check, as the loop sees it.
+#[derive(Debug, Default)]
+struct DriftCheck {
+    /// A comparison is running on the blocking pool.
+    running: bool,
+    /// The kernel cannot be read (no `nft`): checks stop.
+    off: bool,
+    /// The last comparison failed (logged once per streak).
+    failing: bool,
+    /// The differences the last full resync was for: found again after it, they are not
+    /// resynced for again (a tool that keeps changing our rules, or an `nft` that lists them
+    /// in another spelling, would otherwise cost a full resync every period).
+    resynced_for: Option<Vec<String>>,
+    /// That was logged.
+    persisting: bool,
+}
+
+impl SyncState {
+    /// A comparison of the kernel with the committed rules, to run off the loop's thread
+    /// (needs the debug hub and a data plane).
+    fn drift_job(&self) -> Option<crate::debug::verify::DriftJob> {
+        let hub = self.debug.as_ref()?;
+        self.dataplane.as_ref()?;
+        Some(crate::debug::verify::DriftJob::new(
+            hub,
+            self.desired.clone(),
+            self.node_context(),
+        ))
+    }
+
+    /// A drift check's result: differences are logged (capped), counted per family, and a
+    /// full resync is asked for. Returns whether one is due now. A result that is not
+    /// `fresh` (a sync wrote to the kernel after the check started) says nothing.
+    fn drift_found(
+        &mut self,
+        fresh: bool,
+        found: crate::debug::verify::Drift,
+        check: &mut DriftCheck,
+    ) -> bool {
+        use crate::debug::verify::Drift;
+        if !fresh {
+            return false;
+        }
+        let diffs = match found {
+            Drift::None => {
+                check.failing = false;
+                check.resynced_for = None;
+                check.persisting = false;
+                return false;
+            }
+            Drift::Unavailable(e) => {
+                tracing::info!(
+                    "Cannot read the kernel's rules to compare them with the committed ones; the drift check is off: {e}"
+                );
+                check.off = true;
+                return false;
+            }
+            Drift::Failed(e) => {
+                if !check.failing {
+                    tracing::warn!("The drift check could not compare the kernel's rules: {e}");
+                }
+                check.failing = true;
+                return false;
+            }
+            Drift::Found(d) => d,
+        };
+        check.failing = false;
+        let seen: Vec<String> = diffs.iter().map(ToString::to_string).collect();
+        if check.resynced_for.as_ref() == Some(&seen) {
+            if !check.persisting {
+                tracing::warn!(
+                    differences = seen.len(),
+                    "The same differences persist after a full resync; not resyncing for them again (kube-proxy-rs verify lists them)"
+                );
+            }
+            check.persisting = true;
+            return false;
+        }
+        check.resynced_for = Some(seen);
+        check.persisting = false;
+        for d in diffs.iter().take(DRIFT_LOG_LINES) {
+            tracing::warn!(family = %d.family, object = %d.object, "Kernel rules differ from the committed ones: {}", d.detail);
+        }
+        if diffs.len() > DRIFT_LOG_LINES {
+            tracing::warn!(
+                "... and {} more differences (kube-proxy-rs verify lists them all)",
+                diffs.len() - DRIFT_LOG_LINES
+            );
+        }
+        let families: std::collections::BTreeSet<&str> =
+            diffs.iter().map(|d| d.family.as_str()).collect();
+        if let Some(m) = &self.metrics {
+            for f in &families {
+                m.rules_drift.with_label_values(&[f]).inc();
+            }
+        }
+        tracing::warn!(
+            differences = diffs.len(),
+            "Our {} rules in the kernel drifted from what was committed; resyncing everything",
+            self.mode()
+        );
+        self.force_full();
+        true
+    }
+}
 
 /// Resolves when a debug reader wants a snapshot (never without a hub).
 async fn wanted(hub: &Option<std::sync::Arc<crate::debug::Hub>>) {
@@ -983,5 +1135,42 @@ mod tests {
             "{:?}",
             state.exit_reason()
         );
+    }
+
+    /// The drift check's results: a difference is logged, counted and resynced once; found
+    /// again right after that resync it is not resynced again; a stale result says nothing.
+    #[test]
+    fn drift_is_counted_and_resynced_once_per_set_of_differences() {
+        use crate::debug::verify::{Difference, Drift};
+        let metrics = std::sync::Arc::new(kpr_ops::metrics::Metrics::new().unwrap());
+        let mut state = SyncState::new(cfg()).with_metrics(metrics.clone());
+        let diff: Difference = serde_json::from_value(serde_json::json!({
+            "family": "IPv4", "object": "map service-ips", "kind": "missing",
+            "detail": "missing element `172.30.0.10 . tcp . 80`"
+        }))
+        .unwrap();
+        let found = || Drift::Found(vec![diff.clone()]);
+        let counted = || metrics.rules_drift.with_label_values(&["IPv4"]).get();
+        let mut check = DriftCheck::default();
+        assert!(!state.drift_found(false, found(), &mut check), "stale");
+        assert_eq!(counted(), 0);
+        assert!(state.drift_found(true, found(), &mut check));
+        assert_eq!(counted(), 1);
+        assert!(
+            state.trackers.has_pending() || state.force,
+            "a full resync is due"
+        );
+        assert!(!state.drift_found(true, found(), &mut check), "persisting");
+        assert_eq!(counted(), 1);
+        assert!(!state.drift_found(true, Drift::None, &mut check));
+        assert!(
+            state.drift_found(true, found(), &mut check),
+            "drifted again"
+        );
+        assert_eq!(counted(), 2);
+        assert!(!state.drift_found(true, Drift::Failed("x".into()), &mut check));
+        assert!(!check.off);
+        assert!(!state.drift_found(true, Drift::Unavailable("no nft".into()), &mut check));
+        assert!(check.off);
     }
 }

@@ -281,14 +281,37 @@ fn explain_offline_answers_and_refuses_bad_input() {
     for (q, says) in [
         (&["--from", "10.0.0.5"][..], "--to"),
         (&["--to", "172.30.0.10"][..], "to:"),
-        (&["--to", "172.30.0.10:70000", "--from", "10.0.0.5"][..], "to:"),
-        (&["--to", "172.30.0.10:80", "--from", "10.0.0.5", "--proto", "icmp"][..], "proto"),
-        (&["--to", "172.30.0.10:80", "--from", "10.0.0.999"][..], "from"),
-        (&["--to", "172.30.0.10:80", "--from", "10.0.0.5", "-o", "yaml"][..], "--output"),
+        (
+            &["--to", "172.30.0.10:70000", "--from", "10.0.0.5"][..],
+            "to:",
+        ),
+        (
+            &[
+                "--to",
+                "172.30.0.10:80",
+                "--from",
+                "10.0.0.5",
+                "--proto",
+                "icmp",
+            ][..],
+            "proto",
+        ),
+        (
+            &["--to", "172.30.0.10:80", "--from", "10.0.0.999"][..],
+            "from",
+        ),
+        (
+            &["--to", "172.30.0.10:80", "--from", "10.0.0.5", "-o", "yaml"][..],
+            "--output",
+        ),
     ] {
         let out = explain(q);
         assert_eq!(out.status.code(), Some(2), "{q:?}: {}", text(&out.stderr));
-        assert!(text(&out.stderr).contains(says), "{q:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(says),
+            "{q:?}: {}",
+            text(&out.stderr)
+        );
     }
     // Live mode against a port where nothing listens: cannot reach the proxy.
     let out = kpr(&[

@@ -79,6 +79,8 @@ in_every_mode!(
     t7_2_health_check_node_port,
     cleanup_removes_every_rule_of_ours_and_upstreams,
     t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes,
+    verify_names_drift_explain_sees_it_and_the_drift_check_repairs_it,
+    conntrack_command_shows_each_flows_endpoint_and_flags_stale_ones,
 );
 
 /// The basic scenarios on iptables-legacy.
@@ -96,6 +98,12 @@ mod legacy {
     #[test]
     fn a_flushed_table_is_restored_within_a_second() {
         super::a_deleted_or_flushed_table_is_restored_within_a_second(super::Mode::Legacy)
+    }
+    #[test]
+    fn verify_names_drift_explain_sees_it_and_the_drift_check_repairs_it() {
+        super::verify_names_drift_explain_sees_it_and_the_drift_check_repairs_it(
+            super::Mode::Legacy,
+        )
     }
 }
 
@@ -1606,6 +1614,162 @@ fn t6_2_stale_udp_flows_are_deleted_when_their_endpoint_goes(mode: Mode) {
     assert!(deleted >= 1.0, "T6.2.4: {deleted}");
 }
 
+/// `kube-proxy-rs conntrack` (issue 14): run in the node namespace, it lists a Service's
+/// conntrack flows with the endpoint each went to; once that endpoint leaves the EndpointSlice,
+/// the established TCP connection still going to it is reported stale. Also: flows to an
+/// address without the proxy, and the exit codes.
+fn conntrack_command_shows_each_flows_endpoint_and_flags_stale_ones(mode: Mode) {
+    let Some(mut c) = Cluster::new("ctcmd", mode) else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", None);
+    let ips = [("pod1", "10.0.0.11"), ("pod2", "10.0.0.12")];
+    for (name, ip) in ips {
+        c.pod(name, ip, None);
+    }
+    let ports = "[{name: echo, port: 9000, protocol: TCP}, {name: dns, port: 53, protocol: UDP}]";
+    let ep_ports =
+        "[{name: echo, port: 9000, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]";
+    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", ports));
+    c.manifest(
+        "eps.yaml",
+        &slice(
+            "web",
+            "IPv4",
+            &[(ips[0].1, "node-a"), (ips[1].1, "node-a")],
+            ep_ports,
+        ),
+    );
+    c.start_proxy();
+    let echo = c.open_echo(&client, "172.30.0.10");
+    // Which pod the connection reached, from the pods' own sockets.
+    let tcp_pod = ips
+        .iter()
+        .position(|(name, _)| {
+            c.lab
+                .sh(
+                    &c.pods[*name],
+                    "ss -Htn state established '( sport = :9000 )'",
+                )
+                .contains("10.0.0.5:")
+        })
+        .unwrap_or_else(|| panic!("no pod has the echo connection"));
+    let out = c.lab.try_sh(
+        &client,
+        "echo hello | timeout 5 socat -T3 - UDP:172.30.0.10:53,sourceport=40053",
+    );
+    let reply = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let udp_pod = ips
+        .iter()
+        .position(|(name, _)| reply.starts_with(name))
+        .unwrap_or_else(|| panic!("no endpoint answered UDP: {reply:?}"));
+    let bin = env!("CARGO_BIN_EXE_kube-proxy-rs");
+    let ct = |args: &str| -> serde_json::Value {
+        let out = c
+            .lab
+            .sh(&c.node, &format!("{bin} conntrack {args} --output json"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let find = |r: &serde_json::Value, proto: &str, client: &str| -> serde_json::Value {
+        r["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["protocol"] == proto && f["client"].as_str().unwrap().starts_with(client))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {proto} flow from {client} in {r:#}"))
+    };
+    let echo_ep = format!("{}:9000", ips[tcp_pod].1);
+    let r = ct("--service default/web");
+    let tcp = find(&r, "tcp", "10.0.0.5:");
+    assert_eq!(tcp["frontend"], "172.30.0.10:9000", "{r:#}");
+    assert_eq!(tcp["frontendKind"], "clusterIP");
+    assert_eq!(tcp["servicePort"], "default/web:echo");
+    assert_eq!(tcp["endpoint"], echo_ep.as_str());
+    assert_eq!(tcp["endpointState"], "ready");
+    assert_eq!(tcp["stale"], false);
+    assert_eq!(tcp["state"], "ESTABLISHED");
+    assert!(tcp["timeoutSeconds"].as_u64().unwrap() > 0);
+    let udp = find(&r, "udp", "10.0.0.5:40053");
+    assert_eq!(udp["frontend"], "172.30.0.10:53");
+    assert_eq!(udp["endpoint"], format!("{}:5353", ips[udp_pod].1));
+    assert_eq!(udp["stale"], false);
+    assert!(udp["state"].is_null());
+    let count = |r: &serde_json::Value, ep: &str| -> (String, u64) {
+        let e = r["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["servicePort"] == "default/web:echo" && e["endpoint"] == ep)
+            .unwrap_or_else(|| panic!("no count for {ep} in {r:#}"));
+        (
+            e["state"].as_str().unwrap().to_owned(),
+            e["flows"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(count(&r, &echo_ep), ("ready".to_owned(), 1));
+    // Without the proxy: the flows to the endpoint, as DNATed.
+    let raw = ct(&format!("--to {echo_ep} --proto tcp"));
+    assert_eq!(
+        find(&raw, "tcp", "10.0.0.5:")["frontend"],
+        "172.30.0.10:9000"
+    );
+
+    // The echo connection's endpoint leaves the Service.
+    c.apply(
+        "eps.yaml",
+        &slice("web", "IPv4", &[(ips[1 - tcp_pod].1, "node-a")], ep_ports),
+    );
+    let r = ct("--service default/web");
+    let tcp = find(&r, "tcp", "10.0.0.5:");
+    assert_eq!(tcp["endpoint"], echo_ep.as_str(), "{r:#}");
+    assert_eq!(tcp["endpointState"], "stale");
+    assert_eq!(tcp["stale"], true);
+    assert_eq!(count(&r, &echo_ep), ("stale".to_owned(), 1));
+    let text = c
+        .lab
+        .sh(&c.node, &format!("{bin} conntrack --service default/web"));
+    eprintln!("{text}");
+    assert!(
+        text.contains("1 flow still goes to an endpoint the Service no longer has"),
+        "{text}"
+    );
+    if udp_pod == tcp_pod {
+        // The reconciler deletes UDP flows to a removed endpoint (§6.2).
+        Lab::wait_for("the stale UDP flow to go", Duration::from_secs(3), || {
+            let r = ct("--service default/web --port dns");
+            r["flows"].as_array().unwrap().is_empty()
+        });
+    } else {
+        let udp = find(&r, "udp", "10.0.0.5:40053");
+        assert_eq!(udp["endpointState"], "ready");
+    }
+    echo.still_works();
+
+    // Exit codes: 2 bad input, 1 no proxy or no privilege.
+    let code = |script: &str| c.lab.try_sh(&c.node, script).status.code();
+    assert_eq!(code(&format!("{bin} conntrack")), Some(2));
+    assert_eq!(
+        code(&format!("{bin} conntrack --service default/nosuch")),
+        Some(2)
+    );
+    assert_eq!(
+        code(&format!(
+            "{bin} conntrack --service default/web --server http://127.0.0.1:1"
+        )),
+        Some(1)
+    );
+    let unprivileged = c.lab.try_sh(
+        &c.node,
+        &format!("setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all {bin} conntrack --to {echo_ep}"),
+    );
+    assert_eq!(unprivileged.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unprivileged.stderr).contains("CAP_NET_ADMIN"),
+        "{unprivileged:?}"
+    );
+}
+
 /// §6.1 with the real binary and the default configuration: the namespace's conntrack
 /// timeouts are set (established 24h, close-wait 1h), while nf_conntrack_max and the hash
 /// size, global to the machine, are left alone outside the host's network namespace.
@@ -1705,4 +1869,209 @@ fn t4_4_localhost_node_ports_in_iptables_mode() {
     assert_eq!(who(&c.lab.tcp(&c.node, "127.0.0.1", 30080)), "pod1");
     assert_eq!(who(&c.lab.tcp(&c.node, "192.168.0.2", 30080)), "pod1");
     assert_eq!(who(&c.lab.tcp(&c.client, "192.168.0.2", 30080)), "pod1");
+}
+
+/// Issue 14, "the kernel, not only the intent". A fresh proxy's kernel rules verify clean
+/// (`kube-proxy-rs verify` exits 0): the listing parser and the iptables normaliser read the
+/// real `nft` and `iptables-save` output of endpoint picks, affinity (with a live affinity
+/// entry), NodePorts, source ranges, ETP Local, a Service without endpoints and IPv6. One
+/// Service's ClusterIP rule deleted behind the proxy's back: verify exits 1 naming it, explain
+/// says the kernel disagrees for a packet to it and agrees for another Service; the drift
+/// check (every 10 s here) finds it and resyncs: verify exits 0 again, explain agrees, traffic
+/// flows, `kpr_rules_drift_total` counts it.
+fn verify_names_drift_explain_sees_it_and_the_drift_check_repairs_it(mode: Mode) {
+    let Some(mut c) = Cluster::new("verify", mode) else {
+        return;
+    };
+    let client = c.pod("client-pod", "10.0.0.5", Some("fd00:10::5"));
+    c.pod("pod1", "10.0.0.11", Some("fd00:10::11"));
+    c.pod("pod2", "10.0.0.12", None);
+    let http = "[{name: http, port: 80, protocol: TCP}]";
+    let ep_http = "[{name: http, port: 8080, protocol: TCP}]";
+    let both = [("10.0.0.11", "node-a"), ("10.0.0.12", "node-a")];
+    c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    c.manifest("web-eps.yaml", &slice("web", "IPv4", &both, WEB_EP_PORTS));
+    c.manifest(
+        "aff.yaml",
+        &service("aff", "172.30.0.20", "  sessionAffinity: ClientIP\n", http),
+    );
+    c.manifest("aff-eps.yaml", &slice("aff", "IPv4", &both, ep_http));
+    let lb = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  loadBalancerSourceRanges: [203.0.113.0/24]\n";
+    let mut svc = service(
+        "lb",
+        "172.30.0.30",
+        lb,
+        "[{name: http, port: 80, protocol: TCP, nodePort: 30080}]",
+    );
+    svc.push_str("status: {loadBalancer: {ingress: [{ip: 1.2.3.4}]}}\n");
+    c.manifest("lb.yaml", &svc);
+    c.manifest(
+        "lb-eps.yaml",
+        &slice(
+            "lb",
+            "IPv4",
+            &[("10.0.0.12", "node-a"), ("10.0.1.13", "node-b")],
+            ep_http,
+        ),
+    );
+    c.manifest("empty.yaml", &service("empty", "172.30.0.40", "", http));
+    c.manifest("v6.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web6, namespace: default}\nspec:\n  clusterIP: fd00:30::10\n  clusterIPs: [\"fd00:30::10\"]\n  ports: [{name: http, port: 80, protocol: TCP}]\n");
+    c.manifest(
+        "v6-eps.yaml",
+        &slice("web6", "IPv6", &[("fd00:10::11", "node-a")], ep_http),
+    );
+    let source = format!(
+        "--manifests {} --iptables-sync-period 2s",
+        c.dir.path().display()
+    );
+    c.start_proxy_with(&source);
+    let bin = env!("CARGO_BIN_EXE_kube-proxy-rs");
+    let server = "--server http://127.0.0.1:10249";
+    let run = |args: &str| {
+        let out = c.lab.try_sh(&c.node, &format!("{bin} {args}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    // Traffic first: an affinity entry in the kernel is traffic's, not a difference.
+    assert!(["pod1", "pod2"].contains(&who(&c.lab.tcp(&client, "172.30.0.20", 80)).as_str()));
+    assert_eq!(who(&c.lab.tcp(&client, "fd00:30::10", 80)), "pod1");
+    let start = Instant::now();
+    let (code, text) = run(&format!("verify {server}"));
+    eprintln!(
+        "verify of a fresh proxy, {:?} (the whole command):\n{text}",
+        start.elapsed()
+    );
+    assert_eq!(
+        code, 0,
+        "a fresh proxy's kernel rules match the committed ones:\n{text}"
+    );
+    assert!(text.contains("IPv4: ") && text.contains("IPv6: "), "{text}");
+    let (code, json) = run(&format!("verify {server} -o json"));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        (
+            code,
+            v["ok"].as_bool(),
+            v["differences"].as_array().map(Vec::len)
+        ),
+        (0, Some(true), Some(0)),
+        "{json}"
+    );
+    let (code, text) = run("verify --server http://127.0.0.1:1");
+    assert_eq!(code, 2, "no proxy there: {text}");
+
+    // Delete web's ClusterIP rule behind the proxy's back, then ask at once (the drift check
+    // may run in between: then again).
+    let (delete, object) = match mode {
+        Mode::Nftables => (
+            "nft delete element ip kube-proxy-rs service-ips '{ 172.30.0.10 . tcp . 80 }'"
+                .to_owned(),
+            "map service-ips",
+        ),
+        mode => (
+            format!(
+                "eval \"{tool} -t nat $({save} -t nat | grep -- '^-A KUBE-SERVICES .*-d 172.30.0.10/32 .*--dport 80 ' | sed 's/^-A/-D/')\"",
+                tool = mode.tool(false, ""),
+                save = mode.tool(false, "-save"),
+            ),
+            "chain KUBE-SERVICES (nat)",
+        ),
+    };
+    let drifts = || {
+        std::fs::read_to_string(&c.log)
+            .unwrap_or_default()
+            .matches("drifted from what was committed")
+            .count()
+    };
+    let explain = format!("explain {server} --from 10.0.0.5 --to");
+    let mut attempt = 0;
+    let deleted = loop {
+        attempt += 1;
+        let before = drifts();
+        c.lab.sh(&c.node, &delete);
+        let deleted = Instant::now();
+        let (code, text) = run(&format!("verify {server}"));
+        let web = run(&format!("{explain} 172.30.0.10:80"));
+        let aff = run(&format!("{explain} 172.30.0.20:80"));
+        let web_json = run(&format!("{explain} 172.30.0.10:80 -o json"));
+        if drifts() != before && attempt < 3 {
+            eprintln!("the drift check ran while we looked; deleting again");
+            continue;
+        }
+        eprintln!("verify after the deletion:\n{text}\nexplain:\n{}", web.1);
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.contains(object) && text.contains("172.30.0.10"),
+            "{text}"
+        );
+        assert!(text.contains("missing"), "{text}");
+        assert!(
+            web.1.contains("Kernel: the kernel DISAGREES") && web.1.contains(object),
+            "{}",
+            web.1
+        );
+        assert!(aff.1.contains("Kernel: the kernel agrees"), "{}", aff.1);
+        let v: serde_json::Value = serde_json::from_str(&web_json.1).unwrap();
+        assert_eq!(v["kernel"]["status"], "disagrees", "{}", web_json.1);
+        assert_eq!(v["kernel"]["agrees"], false);
+        assert_eq!(
+            v["verdict"]["action"], "DNAT",
+            "the model's answer is unchanged"
+        );
+        break deleted;
+    };
+
+    // The drift check finds it and resyncs everything.
+    let took = Lab::wait_for("verify to pass again", Duration::from_secs(15), || {
+        run(&format!("verify {server}")).0 == 0
+    });
+    eprintln!("repaired {:?} after the deletion", deleted.elapsed());
+    assert!(took < Duration::from_secs(15));
+    assert!(
+        c.logged("Kernel rules differ from the committed ones"),
+        "the difference is logged"
+    );
+    let (_, text) = run(&format!("{explain} 172.30.0.10:80"));
+    assert!(text.contains("Kernel: the kernel agrees"), "{text}");
+    assert!(["pod1", "pod2"].contains(&who(&c.lab.tcp(&client, "172.30.0.10", 80)).as_str()));
+    let metrics = c.http_get(10249, "/metrics");
+    let drift: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("kpr_rules_drift_total{ip_family=\"IPv4\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(drift >= 1.0, "kpr_rules_drift_total: {drift}\n{metrics}");
+    assert!(
+        metrics.contains("kpr_rules_repaired_total 0"),
+        "no flush repair yet"
+    );
+    let text = c.http_get(10249, "/debug/verify?output=text");
+    assert!(
+        text.contains("The kernel holds exactly the committed"),
+        "{text}"
+    );
+    // A flush is the repair check's (within a second), counted apart.
+    let flush = match mode {
+        Mode::Nftables => "nft flush table ip kube-proxy-rs".to_owned(),
+        mode => format!("{} -t nat -F", mode.tool(false, "")),
+    };
+    c.lab.sh(&c.node, &flush);
+    Lab::wait_for(
+        "the flush repair to be counted",
+        Duration::from_secs(3),
+        || {
+            c.http_get(10249, "/metrics")
+                .contains("kpr_rules_repaired_total 1")
+        },
+    );
+    Lab::wait_for(
+        "verify to pass after the repair",
+        Duration::from_secs(3),
+        || run(&format!("verify {server}")).0 == 0,
+    );
 }

@@ -39,14 +39,28 @@ fn cluster_ip_names_every_endpoint_with_its_reason() {
             .ready("10.0.0.11", NODE)
             .ready("10.0.1.12", OTHER_NODE)
             .terminating("10.0.1.13", OTHER_NODE)
-            .endpoint("10.0.1.14", OTHER_NODE, Some(false), Some(false), Some(false)),
+            .endpoint(
+                "10.0.1.14",
+                OTHER_NODE,
+                Some(false),
+                Some(false),
+                Some(false),
+            ),
     );
     let e = ask(&h, &from_pod(POD).tcp("172.30.0.10", 80));
     let fe = e.frontend.as_ref().unwrap();
-    assert_eq!((fe.kind.as_str(), fe.service_port.as_str()), ("ClusterIP", "ns/web:http"));
+    assert_eq!(
+        (fe.kind.as_str(), fe.service_port.as_str()),
+        ("ClusterIP", "ns/web:http")
+    );
     assert_eq!(e.verdict.action, "DNAT");
     assert_eq!(e.verdict.targets.len(), 2);
-    assert!(e.verdict.targets.iter().all(|t| (t.probability - 0.5).abs() < 1e-9));
+    assert!(
+        e.verdict
+            .targets
+            .iter()
+            .all(|t| (t.probability - 0.5).abs() < 1e-9)
+    );
     let why = |addr: &str| {
         let ep = e.endpoints.iter().find(|x| x.address == addr).unwrap();
         (ep.chosen, ep.why.clone())
@@ -57,7 +71,10 @@ fn cluster_ip_names_every_endpoint_with_its_reason() {
     let m = e.masquerade.as_ref().unwrap();
     assert!(!m.masquerade && m.why.contains("local pod"), "{m:?}");
     let text = e.to_string();
-    assert!(text.contains("Frontend: ClusterIP 172.30.0.10:80 of ns/web:http"), "{text}");
+    assert!(
+        text.contains("Frontend: ClusterIP 172.30.0.10:80 of ns/web:http"),
+        "{text}"
+    );
     assert!(text.contains("50.0%"), "{text}");
 }
 
@@ -88,12 +105,20 @@ fn etp_local_firewall_and_drop_are_explained() {
     assert_eq!(e.policy.as_ref().unwrap().set, "Local");
     assert_eq!(e.verdict.targets.len(), 1);
     assert!(!e.masquerade.as_ref().unwrap().masquerade);
-    let remote = e.endpoints.iter().find(|x| x.address == "10.0.1.22:8080").unwrap();
+    let remote = e
+        .endpoints
+        .iter()
+        .find(|x| x.address == "10.0.1.22:8080")
+        .unwrap();
     assert!(!remote.chosen && remote.why.contains("not on this node"));
 
     let e = ask(&h, &from_external("198.51.100.1").tcp(LB_IP, 80));
     assert_eq!(e.verdict.action, "DROP");
-    assert!(e.verdict.why.contains("loadBalancerSourceRanges"), "{}", e.verdict.why);
+    assert!(
+        e.verdict.why.contains("loadBalancerSourceRanges"),
+        "{}",
+        e.verdict.why
+    );
 
     // The node's only local endpoint goes away: external traffic is dropped, not refused.
     h.slice(
@@ -140,8 +165,16 @@ fn hints_rejects_and_non_service_addresses() {
     );
     let e = ask(&h, &from_pod(POD).tcp("172.30.0.30", 80));
     assert_eq!(e.topology.as_deref(), Some("PreferSameZone"));
-    let other = e.endpoints.iter().find(|x| x.address == "10.0.1.32:8080").unwrap();
-    assert!(!other.chosen && other.why.contains("other zones (b)"), "{}", other.why);
+    let other = e
+        .endpoints
+        .iter()
+        .find(|x| x.address == "10.0.1.32:8080")
+        .unwrap();
+    assert!(
+        !other.chosen && other.why.contains("other zones (b)"),
+        "{}",
+        other.why
+    );
     let e = ask(&h, &from_pod(POD).tcp("172.30.0.40", 80));
     assert_eq!(e.verdict.action, "REJECT");
     let e = ask(&h, &from_pod(POD).tcp("172.30.0.99", 80));
@@ -149,7 +182,10 @@ fn hints_rejects_and_non_service_addresses() {
     assert_eq!(e.verdict.action, "PASS");
     assert!(e.note.unwrap().contains("not a Service address"));
     let e = ask(&h, &from_pod(POD).tcp("172.30.0.30", 81));
-    assert_eq!(e.verdict.action, "REJECT", "an undefined port of a ClusterIP (nftables)");
+    assert_eq!(
+        e.verdict.action, "REJECT",
+        "an undefined port of a ClusterIP (nftables)"
+    );
 }
 
 fn svc(id: u8, v: u8) -> kpr_testkit::ServiceBuilder {

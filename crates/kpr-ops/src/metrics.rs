@@ -58,6 +58,11 @@ pub struct Metrics {
     pub watch_up: IntGaugeVec,
     /// kube-proxy-rs: watch failures (each followed by a relist), per resource.
     pub watch_failures: IntCounterVec,
+    /// kube-proxy-rs: periodic comparisons that found the kernel's rules differing from the
+    /// committed ones, per family (each is followed by a full resync).
+    pub rules_drift: IntCounterVec,
+    /// kube-proxy-rs: times the repair check found our rules deleted or flushed and restored them.
+    pub rules_repaired: IntCounter,
     pub start_time: Gauge,
 }
 
@@ -248,6 +253,17 @@ impl Metrics {
                 ),
                 &["resource"],
             )?,
+            rules_drift: IntCounterVec::new(
+                Opts::new(
+                    "kpr_rules_drift_total",
+                    "Periodic comparisons that found the kernel's rules differing from the committed ones; each is followed by a full resync.",
+                ),
+                &["ip_family"],
+            )?,
+            rules_repaired: IntCounter::new(
+                "kpr_rules_repaired_total",
+                "Times our rules were found deleted or flushed by someone else and restored.",
+            )?,
             start_time: Gauge::new(
                 "process_start_time_seconds",
                 "Start time of the process since unix epoch in seconds.",
@@ -283,6 +299,8 @@ impl Metrics {
         r.register(Box::new(m.rest_client_duration.clone()))?;
         r.register(Box::new(m.watch_up.clone()))?;
         r.register(Box::new(m.watch_failures.clone()))?;
+        r.register(Box::new(m.rules_drift.clone()))?;
+        r.register(Box::new(m.rules_repaired.clone()))?;
         let process = prometheus::process_collector::ProcessCollector::for_self();
         if r.register(Box::new(process)).is_err() {
             r.register(Box::new(m.start_time.clone()))?;

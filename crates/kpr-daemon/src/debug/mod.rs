@@ -7,11 +7,18 @@
 //! else (explaining a packet, rendering the committed ruleset, serializing thousands of
 //! service ports) on their own time, off the loop's thread for anything heavy.
 //!
-//! `routes` serves it on the metrics address (`/debug/*`, `/configz`); `cli` is
-//! `kube-proxy-rs explain`, which asks a running proxy or computes offline.
+//! `routes` serves it on the metrics address (`/debug/*`, `/configz`), `page` as HTML for
+//! people (`/`, `/service`, `/explain`); `cli` is `kube-proxy-rs explain`, which asks a running
+//! proxy or computes offline; `conntrack` is `kube-proxy-rs conntrack`, a Service's live
+//! conntrack flows and the endpoint each went to; `verify` compares the kernel's rules with
+//! the committed ones (`kube-proxy-rs verify`, `/debug/verify`, the loop's drift check, and
+//! the kernel's view in explain).
 
 pub mod cli;
+pub mod conntrack;
+pub mod page;
 pub mod routes;
+pub mod verify;
 
 use kpr_config::NodePortAddresses;
 use kpr_model::intent::HostView;
@@ -83,6 +90,14 @@ pub struct Hub {
     syncs: Mutex<VecDeque<SyncRecord>>,
     published: watch::Sender<Option<Arc<Snapshot>>>,
     want: Notify,
+    /// The iptables mode's back end, for `verify` (set once by `app.rs`).
+    ipt: std::sync::OnceLock<verify::IptHost>,
+    /// The proxy's health, for the status page (set once by `app.rs`).
+    health: std::sync::OnceLock<Arc<kpr_ops::server::Health>>,
+    /// The last comparison of the kernel with the committed rules (explain reuses it for a
+    /// while: reading a 10,000-Service table takes seconds), and whether one is under way.
+    kernel: Mutex<Option<Arc<verify::Reading>>>,
+    reading: std::sync::atomic::AtomicBool,
 }
 
 impl Hub {
@@ -93,7 +108,21 @@ impl Hub {
             syncs: Mutex::new(VecDeque::new()),
             published: watch::channel(None).0,
             want: Notify::new(),
+            ipt: std::sync::OnceLock::new(),
+            health: std::sync::OnceLock::new(),
+            kernel: Mutex::new(None),
+            reading: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Lets the status page show the proxy's health (the first handle given stays).
+    pub fn set_health(&self, health: Arc<kpr_ops::server::Health>) {
+        let _ = self.health.set(health);
+    }
+
+    /// The proxy's health, when it was given.
+    pub fn health(&self) -> Option<&Arc<kpr_ops::server::Health>> {
+        self.health.get()
     }
 
     /// The loop: one sync happened.
@@ -176,3 +205,6 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -32,6 +32,8 @@ struct Ctx {
 
 /// The debug routes, to merge into the metrics server's router.
 pub fn router(hub: Arc<Hub>) -> axum::Router {
+    let page = super::page::router(hub.clone());
+    let verify = super::verify::router(hub.clone());
     let ctx = Arc::new(Ctx {
         hub,
         rules: Mutex::new(None),
@@ -43,6 +45,8 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
         .route("/debug/syncs", axum::routing::get(syncs))
         .route("/configz", axum::routing::get(configz))
         .with_state(ctx)
+        .merge(page)
+        .merge(verify)
 }
 
 fn json_response(status: StatusCode, body: String) -> Response {
@@ -90,6 +94,14 @@ pub struct ExplainQuery {
     /// `json` (the default here) or `text`.
     #[serde(default)]
     pub output: String,
+    /// Also say whether the kernel's rules agree (default); `false` answers from the model
+    /// alone, without reading the kernel.
+    #[serde(default = "yes")]
+    pub kernel: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A packet from the question; `Err` says what is wrong with it.
@@ -180,7 +192,9 @@ async fn explain(
     };
     let hub = ctx.hub.clone();
     let text = q.output == "text";
-    let answer = tokio::task::spawn_blocking(move || explain_in(&hub, &snap, &q)).await;
+    // The model's answer, and whether the kernel agrees (it reads the kernel's rules).
+    let answer =
+        tokio::task::spawn_blocking(move || super::verify::explain_live(&hub, &snap, &q)).await;
     match answer {
         Ok(Ok(e)) if text => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -368,10 +382,9 @@ async fn services(
         let out = (i <= keys.len()).then(|| {
             let end = (i + CHUNK).min(keys.len());
             let chunk = services_chunk(&snap, &keys, i, end);
-            (
-                Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
-                end.max(i + 1),
-            )
+            // After the chunk that closes the array, the stream ends.
+            let next = if end == keys.len() { end + 1 } else { end };
+            (Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), next)
         });
         std::future::ready(out)
     });

@@ -51,6 +51,42 @@ enum Flow {
 
 /// Every possible outcome for the packet.
 pub fn trace(chains: &BTreeMap<ChainKey, Vec<Rule>>, pkt: &TracePacket) -> BTreeSet<Outcome> {
+    trace_path(chains, pkt).0
+}
+
+/// What a trace ran through: only these chains' rules can change the packet's fate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Path {
+    /// The chains run through, built-in ones included (even when absent).
+    pub chains: BTreeSet<ChainKey>,
+    /// The rules (chain, index) whose matches held for the packet on some branch: a rule
+    /// missing from the kernel changes the packet's fate only if it is one of these.
+    pub matched: BTreeSet<(ChainKey, usize)>,
+}
+
+/// [`trace`], also saying what the packet ran through.
+pub fn trace_path(
+    chains: &BTreeMap<ChainKey, Vec<Rule>>,
+    pkt: &TracePacket,
+) -> (BTreeSet<Outcome>, Path) {
+    let w = Walk {
+        chains,
+        pkt,
+        path: Default::default(),
+    };
+    let out = walk(&w);
+    (out, w.path.into_inner())
+}
+
+/// One trace: the rules, the packet, and what it ran through so far.
+struct Walk<'a> {
+    chains: &'a BTreeMap<ChainKey, Vec<Rule>>,
+    pkt: &'a TracePacket,
+    path: std::cell::RefCell<Path>,
+}
+
+fn walk(w: &Walk<'_>) -> BTreeSet<Outcome> {
+    let pkt = w.pkt;
     let start = State {
         dst: SocketAddr::new(pkt.dst, pkt.port),
         dnat: false,
@@ -63,7 +99,7 @@ pub fn trace(chains: &BTreeMap<ChainKey, Vec<Rule>>, pkt: &TracePacket) -> BTree
         &[(IptTable::Nat, "PREROUTING")]
     };
     let mut out = BTreeSet::new();
-    for st in run_hooks(chains, pkt, first, start) {
+    for st in run_hooks(w, first, start) {
         let st = match st {
             Ok(st) => st,
             Err(o) => {
@@ -83,7 +119,7 @@ pub fn trace(chains: &BTreeMap<ChainKey, Vec<Rule>>, pkt: &TracePacket) -> BTree
                 (IptTable::Nat, "POSTROUTING"),
             ],
         };
-        for st in run_hooks(chains, pkt, second, st) {
+        for st in run_hooks(w, second, st) {
             out.insert(match st {
                 Err(o) => o,
                 Ok(s) if s.dnat => Outcome::Dnat {
@@ -100,12 +136,7 @@ pub fn trace(chains: &BTreeMap<ChainKey, Vec<Rule>>, pkt: &TracePacket) -> BTree
 }
 
 /// Runs the built-in chains in order; `Err` is a final DROP or REJECT.
-fn run_hooks(
-    chains: &BTreeMap<ChainKey, Vec<Rule>>,
-    pkt: &TracePacket,
-    hooks: &[(IptTable, &str)],
-    st: State,
-) -> Vec<Result<State, Outcome>> {
+fn run_hooks(w: &Walk<'_>, hooks: &[(IptTable, &str)], st: State) -> Vec<Result<State, Outcome>> {
     let mut states = vec![Ok(st)];
     for (table, chain) in hooks {
         let mut next = Vec::new();
@@ -115,7 +146,7 @@ fn run_hooks(
                 continue;
             };
             // Policy ACCEPT: falling off the end of a built-in chain accepts.
-            for (s, flow) in eval_chain(chains, pkt, *table, chain, s, 0) {
+            for (s, flow) in eval_chain(w, *table, chain, s, 0) {
                 next.push(match flow {
                     Flow::Drop => Err(Outcome::Drop),
                     Flow::Reject => Err(Outcome::Reject),
@@ -129,15 +160,16 @@ fn run_hooks(
 }
 
 fn eval_chain(
-    chains: &BTreeMap<ChainKey, Vec<Rule>>,
-    pkt: &TracePacket,
+    w: &Walk<'_>,
     table: IptTable,
     chain: &str,
     st: State,
     depth: usize,
 ) -> Vec<(State, Flow)> {
     assert!(depth < MAX_DEPTH, "chain recursion too deep at {chain}");
-    let rules: &[Rule] = match chains.get(&(table, chain.to_owned())) {
+    let key = (table, chain.to_owned());
+    w.path.borrow_mut().chains.insert(key.clone());
+    let rules: &[Rule] = match w.chains.get(&key) {
         Some(rules) => rules,
         None if BUILTIN.contains(&chain) => &[],
         None => panic!(
@@ -147,18 +179,19 @@ fn eval_chain(
     };
     let mut live = vec![st];
     let mut done = Vec::new();
-    for rule in rules {
+    for (i, rule) in rules.iter().enumerate() {
         if live.is_empty() {
             break;
         }
         let mut next = Vec::new();
         for st in live {
-            for (st, matched) in eval_matches(pkt, &rule.matches, st) {
+            for (st, matched) in eval_matches(w.pkt, &rule.matches, st) {
                 if !matched {
                     next.push(st);
                     continue;
                 }
-                for (st, flow) in exec(chains, pkt, table, &rule.target, st, depth) {
+                w.path.borrow_mut().matched.insert((key.clone(), i));
+                for (st, flow) in exec(w, table, &rule.target, st, depth) {
                     match flow {
                         None => next.push(st),
                         Some(f) => done.push((st, f)),
@@ -241,8 +274,7 @@ fn eval_matches(pkt: &TracePacket, matches: &[M], st: State) -> Vec<(State, bool
 
 /// Runs a target; `None` flow means "continue with the next rule".
 fn exec(
-    chains: &BTreeMap<ChainKey, Vec<Rule>>,
-    pkt: &TracePacket,
+    w: &Walk<'_>,
     table: IptTable,
     target: &Target,
     mut st: State,
@@ -250,7 +282,7 @@ fn exec(
 ) -> Vec<(State, Option<Flow>)> {
     let flow = match target {
         Target::Jump(c) => {
-            return eval_chain(chains, pkt, table, c, st, depth + 1)
+            return eval_chain(w, table, c, st, depth + 1)
                 .into_iter()
                 .map(|(s, f)| (s, (f != Flow::Continue).then_some(f)))
                 .collect();
@@ -363,6 +395,43 @@ mod tests {
         // RETURN from A: nothing else in PREROUTING, policy ACCEPT.
         let got = trace(&c, &pkt("203.0.113.7", "10.9.9.9", 80));
         assert_eq!(got, [Outcome::Pass { masquerade: false }].into());
+    }
+
+    #[test]
+    fn the_path_names_every_chain_run_through() {
+        let nat = IptTable::Nat;
+        let c = table(vec![
+            (nat, Rule::new("PREROUTING", Target::Jump("A".into()))),
+            (nat, Rule::new("A", Target::Return).m(dst("10.9.9.9"))),
+            (nat, Rule::new("A", Target::Jump("B".into()))),
+            (nat, Rule::new("B", Target::Return)),
+            (nat, Rule::new("C", Target::Return)),
+        ]);
+        let (_, path) = trace_path(&c, &pkt("203.0.113.7", "10.9.9.9", 80));
+        let matched: Vec<(&str, usize)> = path
+            .matched
+            .iter()
+            .map(|((_, c), i)| (c.as_str(), *i))
+            .collect();
+        assert_eq!(
+            matched,
+            [("A", 0), ("PREROUTING", 0)],
+            "the RETURN, not the jump to B"
+        );
+        let path = path.chains;
+        let want: BTreeSet<ChainKey> = [
+            (nat, "PREROUTING"),
+            (nat, "A"),
+            (IptTable::Filter, "FORWARD"),
+            (nat, "POSTROUTING"),
+        ]
+        .map(|(t, c)| (t, c.to_owned()))
+        .into();
+        // Not B (RETURN before its jump), not C (nothing jumps to it); the built-in chains of
+        // the packet's hooks, even where absent.
+        assert_eq!(path, want);
+        let (_, path) = trace_path(&c, &pkt("203.0.113.7", "10.1.1.1", 80));
+        assert!(path.chains.contains(&(nat, "B".to_owned())));
     }
 
     #[test]

@@ -55,6 +55,43 @@ impl TxView {
     }
 }
 
+impl TxView {
+    /// The chains it declares.
+    pub fn chains(&self) -> impl Iterator<Item = &Chain> {
+        self.chains.values()
+    }
+
+    /// The rules of one chain, in order.
+    pub fn chain_rules(&self, chain: &str) -> &[Rule] {
+        self.rules.get(chain).map_or(&[], Vec::as_slice)
+    }
+
+    /// Forgets a chain and its rules (what a kernel without that chain holds).
+    pub fn remove_chain(&mut self, name: &str) {
+        self.chains.remove(name);
+        self.rules.remove(name);
+    }
+
+    /// Forgets the first rule of `chain` that `is` picks; whether one was.
+    pub fn remove_rule(&mut self, chain: &str, is: impl Fn(&Rule) -> bool) -> bool {
+        let Some(rules) = self.rules.get_mut(chain) else {
+            return false;
+        };
+        match rules.iter().position(is) {
+            Some(i) => {
+                rules.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the elements of `set` whose key `is` picks.
+    pub fn remove_elements(&mut self, set: &str, is: impl Fn(&Key) -> bool) {
+        self.elements.retain(|(s, k), _| s != set || !is(k));
+    }
+}
+
 impl RulesetView for TxView {
     fn base_chains(&self) -> Vec<Chain> {
         self.chains
@@ -139,6 +176,103 @@ enum Flow {
     Accept,
     Drop,
     Reject,
+}
+
+/// What a packet's trace looked at: the chains it ran through, the verdict-map and set lookups
+/// it made, and the endpoint-map buckets the rules it ran through can draw. Only these parts
+/// of a ruleset can change its fate (the rest it never reads).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Path {
+    pub chains: BTreeSet<String>,
+    /// Exact-key lookups: verdict maps, and pair sets (`ip saddr . ip daddr @set`).
+    pub lookups: BTreeSet<(String, Key)>,
+    /// Address-membership tests (`ip daddr @set`), with the address tested.
+    pub addr_tests: BTreeSet<(String, IpAddr)>,
+    /// Endpoint maps drawn from, with the bucket ranges (`offset .. offset + mod`) of every
+    /// `numgen` rule in the chains run through.
+    pub buckets: BTreeMap<String, Vec<std::ops::Range<u64>>>,
+}
+
+impl Path {
+    /// Whether the trace read set or map `name` at all.
+    pub fn reads(&self, name: &str) -> bool {
+        self.lookups.iter().any(|(s, _)| s == name)
+            || self.addr_tests.iter().any(|(s, _)| s == name)
+            || self.buckets.contains_key(name)
+    }
+}
+
+/// A view that remembers what the tracer asks of it.
+struct Recorder<'a> {
+    inner: &'a dyn RulesetView,
+    path: std::cell::RefCell<Path>,
+}
+
+impl RulesetView for Recorder<'_> {
+    fn base_chains(&self) -> Vec<Chain> {
+        self.inner.base_chains()
+    }
+    fn rules(&self, chain: &str) -> &[Rule] {
+        self.path.borrow_mut().chains.insert(chain.to_owned());
+        self.inner.rules(chain)
+    }
+    fn map_get(&self, map: &str, key: &Key) -> Option<Verdict> {
+        self.path
+            .borrow_mut()
+            .lookups
+            .insert((map.to_owned(), *key));
+        self.inner.map_get(map, key)
+    }
+    fn set_contains(&self, set: &str, ip: IpAddr) -> bool {
+        self.path
+            .borrow_mut()
+            .addr_tests
+            .insert((set.to_owned(), ip));
+        self.inner.set_contains(set, ip)
+    }
+    fn has_key(&self, set: &str, key: &Key) -> bool {
+        self.path
+            .borrow_mut()
+            .lookups
+            .insert((set.to_owned(), *key));
+        self.inner.has_key(set, key)
+    }
+    fn targets(&self, map: &str) -> Vec<(SocketAddr, u32)> {
+        self.path
+            .borrow_mut()
+            .buckets
+            .entry(map.to_owned())
+            .or_default();
+        self.inner.targets(map)
+    }
+}
+
+/// [`trace`], also saying what the trace looked at.
+pub fn trace_path(view: &dyn RulesetView, pkt: &TracePacket) -> (BTreeSet<Outcome>, Path) {
+    let rec = Recorder {
+        inner: view,
+        path: Default::default(),
+    };
+    let outcomes = trace(&rec, pkt);
+    let mut path = rec.path.into_inner();
+    // The bucket ranges of the endpoint maps drawn from, from the rules that draw them.
+    for chain in &path.chains {
+        for rule in view.rules(chain) {
+            for s in &rule.statements {
+                if let Statement::DnatMap {
+                    map,
+                    offset,
+                    modulus,
+                } = s
+                    && let Some(ranges) = path.buckets.get_mut(map)
+                {
+                    let start = u64::from(*offset);
+                    ranges.push(start..start + u64::from(*modulus));
+                }
+            }
+        }
+    }
+    (outcomes, path)
 }
 
 /// Every possible outcome for the packet.
@@ -441,5 +575,135 @@ fn exec(
             .into_iter()
             .map(|(s, f)| (s, Some(f)))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kpr_nft::{BaseChain, Element, Family, Table};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    }
+
+    /// A prerouting chain looking up a verdict map, one service chain drawing from buckets
+    /// 10..12 of an endpoint map another service shares.
+    fn view() -> TxView {
+        let table = Table {
+            family: Family::Ip,
+            name: "t".into(),
+            comment: None,
+        };
+        let mut tx = Transaction::new(table.clone());
+        tx.push(Op::AddTable(table));
+        tx.push(Op::AddChain(Chain {
+            name: "pre".into(),
+            base: Some(BaseChain {
+                chain_type: ChainType::Nat,
+                hook: Hook::Prerouting,
+                priority: -100,
+            }),
+            comment: None,
+        }));
+        for c in ["svc", "other"] {
+            tx.push(Op::AddChain(Chain {
+                name: c.into(),
+                base: None,
+                comment: None,
+            }));
+        }
+        tx.push(Op::AddRule(Rule::new("pre").s(Statement::Vmap {
+            key: KeyType::AddrProtoPort,
+            map: "ips".into(),
+        })));
+        tx.push(Op::AddRule(
+            Rule::new("svc")
+                .m(Match::L4Proto(L4Proto::Tcp))
+                .s(Statement::DnatMap {
+                    map: "eps".into(),
+                    offset: 10,
+                    modulus: 2,
+                }),
+        ));
+        let el = |set: &str, key, verdict, target| {
+            Op::AddElement(Element {
+                set: set.into(),
+                key,
+                verdict,
+                target,
+                comment: None,
+            })
+        };
+        tx.push(el(
+            "ips",
+            Key::AddrProtoPort(ip("172.30.0.1"), L4Proto::Tcp, 80),
+            Some(Verdict::Goto("svc".into())),
+            None,
+        ));
+        for (b, t) in [
+            (10, "10.0.0.1:80"),
+            (11, "10.0.0.2:80"),
+            (50, "10.0.0.9:80"),
+        ] {
+            tx.push(el("eps", Key::Bucket(b), None, t.parse().ok()));
+        }
+        TxView::from_full(&tx)
+    }
+
+    fn pkt(dst: &str) -> TracePacket {
+        TracePacket {
+            src: ip("10.0.0.5"),
+            iif: None,
+            from_host: false,
+            dst: ip(dst),
+            proto: L4Proto::Tcp,
+            port: 80,
+            local_ips: vec![],
+        }
+    }
+
+    #[test]
+    fn the_path_names_chains_lookups_and_bucket_ranges() {
+        let v = view();
+        let (out, path) = trace_path(&v, &pkt("172.30.0.1"));
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert_eq!(
+            path.chains,
+            ["pre", "svc"].map(str::to_owned).into(),
+            "not the chain nothing reaches"
+        );
+        assert!(path.lookups.contains(&(
+            "ips".to_owned(),
+            Key::AddrProtoPort(ip("172.30.0.1"), L4Proto::Tcp, 80)
+        )));
+        let want: Vec<std::ops::Range<u64>> = std::iter::once(10..12).collect();
+        assert_eq!(path.buckets.get("eps"), Some(&want));
+        assert!(path.reads("eps") && path.reads("ips") && !path.reads("other"));
+        // A miss is a lookup too: an element added there would change the packet's fate.
+        let (out, path) = trace_path(&v, &pkt("172.30.0.2"));
+        assert_eq!(out, [Outcome::Pass { masquerade: false }].into());
+        assert_eq!(path.chains, ["pre"].map(str::to_owned).into());
+        assert!(path.buckets.is_empty());
+    }
+
+    #[test]
+    fn a_view_without_what_the_kernel_lacks() {
+        let mut v = view();
+        v.remove_elements("eps", |k| *k == Key::Bucket(10));
+        let out = trace(&v, &pkt("172.30.0.1"));
+        // Bucket 10 has no target now: those packets fall through, undisturbed.
+        assert!(
+            out.contains(&Outcome::Pass { masquerade: false }),
+            "{out:?}"
+        );
+        assert!(v.remove_rule("svc", |r| r.statements.len() == 1));
+        assert!(!v.remove_rule("svc", |_| true));
+        v.remove_chain("svc");
+        assert_eq!(v.chains().count(), 2);
+        assert_eq!(
+            trace(&v, &pkt("172.30.0.1")),
+            [Outcome::Pass { masquerade: false }].into()
+        );
     }
 }
