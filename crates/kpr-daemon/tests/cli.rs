@@ -326,3 +326,60 @@ fn explain_offline_answers_and_refuses_bad_input() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("cannot ask the proxy"));
 }
+
+/// Issue 14: `explain --master URL` lists the cluster from the API server (the test API server
+/// on 127.0.0.1) and answers offline, programming nothing.
+#[test]
+fn explain_offline_from_the_api_server() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = rt
+        .block_on(kpr_apiserver::ApiServer::start(
+            kpr_apiserver::Options::default(),
+        ))
+        .unwrap();
+    let json = |v: serde_json::Value| v;
+    api.apply(json(kpr_testkit::odd::node("node-a", "192.168.0.2")));
+    api.apply(kpr_testkit::odd::service(
+        "default",
+        "odd",
+        "172.30.0.9",
+        80,
+    ));
+    api.apply(kpr_testkit::odd::slice(
+        "default",
+        "odd",
+        &["10.0.0.11", "10.0.0.12"],
+        "node-a",
+        8080,
+    ));
+    let out = kpr(&[
+        "explain",
+        "--from",
+        "10.0.0.5",
+        "--to",
+        "172.30.0.9:80",
+        "-o",
+        "json",
+        "--master",
+        &api.url(),
+        "--hostname-override",
+        "node-a",
+        "--cluster-cidr",
+        "10.0.0.0/8",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["frontend"]["servicePort"], "default/odd:p");
+    let targets: Vec<&str> = v["verdict"]["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["endpoint"].as_str())
+        .collect();
+    assert_eq!(targets, ["10.0.0.11:8080", "10.0.0.12:8080"]);
+    assert!(v.get("kernel").is_none(), "offline: no kernel section");
+}
