@@ -263,23 +263,17 @@ impl ApiServer {
 
     /// Deletes an object; `false` if it did not exist.
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
-        let mut store = self.shared.store();
-        let Some(mut object) = store
-            .objects
-            .remove(&(kind, namespace.to_owned(), name.to_owned()))
-        else {
-            return false;
-        };
-        store.rv += 1;
-        object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
-        self.record(&mut store, kind, "DELETED", object);
-        true
+        self.remove(kind, namespace, name, false)
     }
 
     /// Deletes an object, but watches receive a line that is not JSON in place of its
     /// `DELETED` event (a stream corrupted on the way): a client that skips what it cannot
     /// decode never learns of the deletion; one that relists after the error does.
     pub fn delete_garbled(&self, kind: Kind, namespace: &str, name: &str) -> bool {
+        self.remove(kind, namespace, name, true)
+    }
+
+    fn remove(&self, kind: Kind, namespace: &str, name: &str, garbled: bool) -> bool {
         let mut store = self.shared.store();
         let Some(mut object) = store
             .objects
@@ -289,7 +283,7 @@ impl ApiServer {
         };
         store.rv += 1;
         object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
-        self.record_event(&mut store, kind, "DELETED", object, true);
+        self.record_event(&mut store, kind, "DELETED", object, garbled);
         true
     }
 

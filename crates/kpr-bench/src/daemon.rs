@@ -224,6 +224,9 @@ pub(crate) fn measure(
         let secs = (b - a) as f64 / clock_ticks() as f64;
         out.cpu_per_1000 = Some(secs * 1000.0 / done as f64);
     }
+    // The proxy's own peak, before the debug readers below (whose kernel readings render
+    // and list every rule: a debugging cost, reported in the notes).
+    out.peak_rss_kib = status_kib(pid, "VmHWM");
     // Issue 14: the same updates again while a reader queries the debug endpoints without
     // pause (explain for random Services, and every 20th request the whole /debug/services).
     let quiet_lines = counts(&log).1;
@@ -260,7 +263,15 @@ pub(crate) fn measure(
     });
     out.explain = Quantiles::of(explains);
     out.services_listing = listing;
-    out.peak_rss_kib = status_kib(pid, "VmHWM");
+    if let (Some(before), Some(after)) = (out.peak_rss_kib, status_kib(pid, "VmHWM"))
+        && after > before
+    {
+        out.notes.push(format!(
+            "daemon {} {n}x{e}: peak RSS {:.0} MB while the debug endpoints were queried (explain reads the kernel's rules)",
+            mode.flag(),
+            after as f64 * 1024.0 / 1e6
+        ));
+    }
     let _ = child.kill();
     let _ = child.wait();
     let _ = reader.join();

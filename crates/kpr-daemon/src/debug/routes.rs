@@ -49,7 +49,8 @@ pub fn router(hub: Arc<Hub>) -> axum::Router {
         .merge(verify)
 }
 
-fn json_response(status: StatusCode, body: String) -> Response {
+/// A JSON answer with upstream-style headers.
+pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
     (
         status,
         [
@@ -62,7 +63,7 @@ fn json_response(status: StatusCode, body: String) -> Response {
 }
 
 /// A 400 (or other) answer with a JSON message.
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": message.into() }).to_string();
     json_response(status, body)
 }

@@ -19,6 +19,7 @@ pub mod packet;
 pub use packet::{KernelView, LiveExplanation, explain_live, judge, kernel_view};
 
 use super::cli::http_get;
+use super::routes::{error, json_response};
 use super::{Hub, Snapshot};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -375,6 +376,8 @@ fn summary(family: IpFamily, c: &Committed) -> String {
 pub struct Reading {
     pub generation: u64,
     pub at: Instant,
+    /// How long rendering and reading took.
+    pub took: std::time::Duration,
     pub checked: Checked,
 }
 
@@ -383,14 +386,28 @@ pub const READING_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Hub {
     /// Keeps a fresh comparison for explain.
-    pub fn store_reading(&self, generation: u64, checked: Checked) -> Arc<Reading> {
+    pub fn store_reading(
+        &self,
+        generation: u64,
+        took: std::time::Duration,
+        checked: Checked,
+    ) -> Arc<Reading> {
         let r = Arc::new(Reading {
             generation,
             at: Instant::now(),
+            took,
             checked,
         });
         *self.kernel.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
         r
+    }
+
+    /// The kept comparison of any snapshot.
+    pub fn last_reading(&self) -> Option<Arc<Reading>> {
+        self.kernel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The kept comparison, if it is of this snapshot and younger than `max_age`.
@@ -423,7 +440,7 @@ pub fn report(hub: &Hub, snap: &Snapshot) -> Result<(Report, bool), String> {
         checked
     } else {
         // Explain reuses it: `verify` then `explain` read the kernel once.
-        hub.store_reading(snap.generation, checked.clone());
+        hub.store_reading(snap.generation, start.elapsed(), checked.clone());
         checked
     };
     let last = hub.syncs().last().map(|s| s.result.clone());
@@ -487,23 +504,6 @@ struct VerifyQuery {
     /// `json` (the default) or `text`.
     #[serde(default)]
     output: String,
-}
-
-fn json_response(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [
-            (header::CONTENT_TYPE, "application/json"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        ],
-        body,
-    )
-        .into_response()
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = serde_json::json!({ "error": message.into() }).to_string();
-    json_response(status, body)
 }
 
 async fn handler(

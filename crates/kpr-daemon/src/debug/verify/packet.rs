@@ -176,6 +176,17 @@ fn reading(hub: &Arc<Hub>, snap: &Arc<Snapshot>) -> Result<Arc<Reading>, String>
     if let Some(r) = hub.reading(snap.generation, READING_TTL) {
         return Ok(r);
     }
+    // Reading costs what listing every rule costs: at most a tenth of the time.
+    if let Some(last) = hub.last_reading()
+        && last.at.elapsed() < last.took * 10
+    {
+        return Err(format!(
+            "the proxy synced since the kernel was last read, {:.1} s ago; a table this size takes {:.1} s to read, so it is read at most every {:.0} s: ask again then",
+            last.at.elapsed().as_secs_f64(),
+            last.took.as_secs_f64(),
+            (last.took * 10).as_secs_f64().ceil()
+        ));
+    }
     if !hub.start_reading() {
         return Err("the kernel's rules are being read (a large table takes seconds); ask again in a moment".into());
     }
@@ -184,11 +195,12 @@ fn reading(hub: &Arc<Hub>, snap: &Arc<Snapshot>) -> Result<Arc<Reading>, String>
     let spawned = std::thread::Builder::new()
         .name("kernel-reading".into())
         .spawn(move || {
+            let start = std::time::Instant::now();
             let result = check(&Setup::of(&h), &s.desired, &s.node, None).and_then(|checked| {
                 if wrote_since(&h, s.generation) {
                     Err("the proxy synced while the kernel was being read; ask again".into())
                 } else {
-                    Ok(h.store_reading(s.generation, checked))
+                    Ok(h.store_reading(s.generation, start.elapsed(), checked))
                 }
             });
             h.end_reading();
