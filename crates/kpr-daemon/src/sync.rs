@@ -145,14 +145,17 @@ impl SyncState {
             None => (0, "ok (no data plane)".to_owned()),
         };
         if matches!(report.applied, None | Some(Ok(_))) {
+            // O(changes): only a changed Service can have been deleted.
             for name in &report.plan.changed_services {
-                self.changes.insert(
-                    name.clone(),
-                    crate::debug::ServiceChange { at: now, latency },
-                );
+                if self.trackers.state().service(name).is_some() {
+                    self.changes.insert(
+                        name.clone(),
+                        crate::debug::ServiceChange { at: now, latency },
+                    );
+                } else {
+                    self.changes.remove(name);
+                }
             }
-            self.changes
-                .retain(|name, _| self.trackers.state().service(name).is_some());
         }
         hub.record_sync(crate::debug::SyncRecord {
             time: kpr_ops::time::rfc3339_nano(now),
