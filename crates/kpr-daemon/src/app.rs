@@ -225,6 +225,12 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
             let spawned = std::thread::Builder::new()
                 .name("metrics".into())
                 .spawn(move || {
+                    // Below the sync loop's priority (the blocking threads it starts inherit
+                    // it): on a busy node a reader's work waits, the loop does not.
+                    let tid = rustix::thread::gettid();
+                    if let Err(e) = rustix::process::setpriority_process(Some(tid), 10) {
+                        tracing::debug!("Could not lower the metrics thread's priority: {e}");
+                    }
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

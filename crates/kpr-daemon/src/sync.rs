@@ -114,13 +114,15 @@ impl SyncState {
         self
     }
 
-    /// Publishes a snapshot for the debug readers, if one is wanted and the last is stale.
-    pub fn publish_debug(&self) {
+    /// Publishes a snapshot for the debug readers, if one is wanted and the last is stale;
+    /// returns how long that took.
+    pub fn publish_debug(&self) -> Duration {
+        let start = Instant::now();
         let Some(hub) = &self.debug else {
-            return;
+            return Duration::ZERO;
         };
         if !hub.stale() {
-            return;
+            return Duration::ZERO;
         }
         hub.publish(crate::debug::Snapshot {
             generation: hub.syncs_done(),
@@ -130,6 +132,7 @@ impl SyncState {
             node: self.node_context(),
             changes: self.changes.clone(),
         });
+        start.elapsed()
     }
 
     /// After a sync: its record for the debug surface, and when its Services changed.
@@ -658,6 +661,9 @@ pub async fn run(
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     full_periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_repair = Instant::now() + REPAIR_INTERVAL;
+    // Debug snapshots: the earliest the next may be published, and one deferred until then.
+    let mut next_publish = Instant::now();
+    let mut publish_at: Option<Instant> = None;
     // The drift check: a full comparison of the kernel with what was committed, run off this
     // thread (this loop never waits for it), while the last sync succeeded.
     let drift_every = state.cfg.sync_period.max(DRIFT_MIN_INTERVAL);
@@ -740,7 +746,20 @@ pub async fn run(
                 }
                 None => break,
             },
-            _ = wanted(&state.debug) => state.publish_debug(),
+            _ = wanted(&state.debug), if publish_at.is_none() => {
+                // At most a tenth of the loop's time: a snapshot of 10,000 Services is a few
+                // milliseconds of copying; readers wait for a later one instead.
+                let now = Instant::now();
+                if now >= next_publish {
+                    next_publish = now + state.publish_debug() * 10;
+                } else {
+                    publish_at = Some(next_publish);
+                }
+            }
+            _ = sleep_until(publish_at), if publish_at.is_some() => {
+                publish_at = None;
+                next_publish = Instant::now() + state.publish_debug() * 10;
+            }
             _ = sleep_until(due), if due.is_some() => {
                 let report = state.sync();
                 last_sync = Some(Instant::now());
