@@ -169,6 +169,27 @@ impl Hub {
             .collect()
     }
 
+    /// A reader that can do with a snapshot a few syncs behind (explain): the current one at
+    /// once if it is younger than `recent` (a fresher one is asked for all the same), else as
+    /// [`Hub::snapshot`]. The loop publishes at most a tenth of its time, so on a busy node the
+    /// freshest snapshot is always a little behind; waiting for it costs a reader tens of ms.
+    pub async fn recent_snapshot(
+        &self,
+        recent: Duration,
+        patience: Duration,
+    ) -> Option<Arc<Snapshot>> {
+        let current = self.published.borrow().clone();
+        match current {
+            Some(s) if s.taken.elapsed().is_ok_and(|age| age < recent) => {
+                if s.generation < self.syncs_done() {
+                    self.want.notify_one();
+                }
+                Some(s)
+            }
+            _ => self.snapshot(patience).await,
+        }
+    }
+
     /// A reader: the current snapshot, asking the loop for a fresh one when the last is older
     /// than the last sync and waiting for it at most `patience` (a loop busy with a long sync
     /// is not waited for: the older snapshot is served). `None` before the first publication

@@ -18,6 +18,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How old a snapshot explain answers from at once, syncs since or not.
+const RECENT: Duration = Duration::from_secs(1);
 /// How long a request waits for the loop to publish a fresh snapshot.
 const PATIENCE: Duration = Duration::from_millis(500);
 /// `/debug/rules` renders at most this often; requests in between get the last render.
@@ -187,9 +189,16 @@ async fn explain(
             "expected ?from=IP&to=IP:port&proto=tcp|udp|sctp[&from_node=true][&output=text]",
         );
     };
-    let snap = match snapshot(&ctx).await {
-        Ok(s) => s,
-        Err(r) => return r,
+    // A snapshot under a second old answers at once (the kernel check below compares the
+    // kernel with that snapshot's own committed rules).
+    let snap = match ctx.hub.recent_snapshot(RECENT, PATIENCE).await {
+        Some(s) => s,
+        None => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the sync loop has not published its state yet",
+            );
+        }
     };
     let hub = ctx.hub.clone();
     let text = q.output == "text";
