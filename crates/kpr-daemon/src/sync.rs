@@ -124,15 +124,20 @@ impl SyncState {
         if !hub.stale() {
             return Duration::ZERO;
         }
-        hub.publish(crate::debug::Snapshot {
-            generation: hub.syncs_done(),
+        hub.publish(self.debug_snapshot(hub.syncs_done()));
+        start.elapsed()
+    }
+
+    /// What the loop knows now, as the debug surface reads it (`generation`: the syncs done).
+    pub fn debug_snapshot(&self, generation: u64) -> crate::debug::Snapshot {
+        crate::debug::Snapshot {
+            generation,
             taken: std::time::SystemTime::now(),
             state: self.trackers.state().clone(),
             desired: self.desired.clone(),
             node: self.node_context(),
             changes: self.changes.clone(),
-        });
-        start.elapsed()
+        }
     }
 
     /// After a sync: its record for the debug surface, and when its Services changed.

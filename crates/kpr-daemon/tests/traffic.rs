@@ -949,18 +949,10 @@ fn api_server_source_end_to_end(mode: Mode) {
     let client = c.pod("client-pod", "10.0.0.5", None);
     c.pod("pod1", "10.0.0.11", None);
     c.pod("pod2", "10.0.0.12", None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut api = rt
-        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
-            netns: Some(c.node.clone()),
-            token: Some("node-a-token".into()),
-            ..Default::default()
-        }))
-        .unwrap();
+    let (rt, mut api) = c.api_server(kpr_apiserver::Options {
+        token: Some("node-a-token".into()),
+        ..Default::default()
+    });
     // Reached through a kubeconfig with a bearer token, as a node's kube-proxy is.
     let kubeconfig = c.dir.path().join("kubeconfig");
     std::fs::write(
@@ -1076,17 +1068,7 @@ fn odd_objects_from_the_api_server_are_programmed_and_never_blind_the_proxy(mode
     let client = c.pod("client-pod", "10.0.0.5", None);
     c.pod("pod1", "10.0.0.11", None);
     c.pod("pod2", "10.0.0.12", None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let api = rt
-        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
-            netns: Some(c.node.clone()),
-            ..Default::default()
-        }))
-        .unwrap();
+    let (_rt, api) = c.api_server(kpr_apiserver::Options::default());
     let obj = |yaml: &str| -> serde_json::Value { serde_saphyr::from_str(yaml).unwrap() };
     api.apply(odd::node("node-a", "192.168.0.2"));
     api.apply(odd::service("default", "odd", "172.30.0.20", 80));
@@ -1173,19 +1155,11 @@ fn in_cluster_service_account() {
     };
     let client = c.pod("client-pod", "10.0.0.5", None);
     c.pod("pod1", "10.0.0.11", None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let api = rt
-        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
-            netns: Some(c.node.clone()),
-            token: Some("sa-token".into()),
-            tls: true,
-            ..Default::default()
-        }))
-        .unwrap();
+    let (_rt, api) = c.api_server(kpr_apiserver::Options {
+        token: Some("sa-token".into()),
+        tls: true,
+        ..Default::default()
+    });
     let obj = |yaml: &str| -> serde_json::Value { serde_saphyr::from_str(yaml).unwrap() };
     api.apply(obj(NODE_YAML));
     api.apply(obj(&service("web", "172.30.0.10", "", WEB_PORTS)));
@@ -1221,6 +1195,26 @@ fn in_cluster_service_account() {
 }
 
 impl Cluster {
+    /// The test API server serving inside the node namespace (`netns` is set here), and the
+    /// runtime it runs on (keep both for the test's length).
+    fn api_server(
+        &self,
+        opts: kpr_apiserver::Options,
+    ) -> (tokio::runtime::Runtime, kpr_apiserver::ApiServer) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let api = rt
+            .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
+                netns: Some(self.node.clone()),
+                ..opts
+            }))
+            .unwrap();
+        (rt, api)
+    }
+
     /// An HTTP GET to 127.0.0.1 from inside the node namespace; the whole response.
     fn http_get(&self, port: u16, path: &str) -> String {
         self.http_get_at("127.0.0.1", port, path)

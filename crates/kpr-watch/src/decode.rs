@@ -139,33 +139,32 @@ impl Snapshot {
             },
             name.clone(),
         );
-        let result = match (api.as_str(), kind.as_str()) {
-            ("v1", "Service") => typed::<Service>(value).map(|mut s| {
+        let again = match (api.as_str(), kind.as_str()) {
+            ("v1", "Service") => {
+                let mut s: Service = lean(value);
                 s.metadata.namespace = Some(ns);
                 self.services.insert(key, s).is_some()
-            }),
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                typed::<EndpointSlice>(value).map(|mut s| {
-                    s.metadata.namespace = Some(ns);
-                    self.slices.insert(key, s).is_some()
-                })
             }
-            ("v1", "Node") => typed::<Node>(value).map(|n| self.node.replace(n).is_some()),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                let mut s: EndpointSlice = lean(value);
+                s.metadata.namespace = Some(ns);
+                self.slices.insert(key, s).is_some()
+            }
+            ("v1", "Node") => self.node.replace(lean(value)).is_some(),
             _ => return, // other kinds (Deployments, ConfigMaps, ...) are not ours
         };
-        match result {
-            Ok(false) => {}
-            Ok(true) => problems.push(problem(
+        if again {
+            problems.push(problem(
                 Some(label),
                 "defined again; the later definition wins".into(),
-            )),
-            Err(e) => problems.push(problem(Some(label), e)),
+            ));
         }
     }
 }
 
-fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, String> {
-    serde_json::from_value(value).map_err(|e| format!("invalid object: {e}"))
+/// The model's lean object: decoding one never fails (`kpr_model::objects`).
+fn lean<T: serde::de::DeserializeOwned + Default>(value: Value) -> T {
+    serde_json::from_value(value).unwrap_or_default()
 }
 
 /// Splits YAML text into documents at `---` lines (a document-end `...` line ends one too).

@@ -7,7 +7,7 @@
 //! input, 1 the proxy or the API server could not be reached.
 
 use super::routes::{ExplainQuery, explain_in};
-use super::{Hub, Snapshot, Static};
+use super::{Hub, Static};
 use kpr_config::{Flags, resolve};
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -167,14 +167,7 @@ fn offline_answer(a: &Args) -> Result<String, (u8, String)> {
         localhost_node_ports: proxy.localhost_node_ports,
         configz: serde_json::Value::Null,
     });
-    let snap = Snapshot {
-        generation: 0,
-        taken: std::time::SystemTime::now(),
-        state: state.cluster_state().clone(),
-        desired: state.desired().clone(),
-        node: state.node_context(),
-        changes: Default::default(),
-    };
+    let snap = state.debug_snapshot(0);
     let e = explain_in(&hub, &snap, &a.query).map_err(|e| (2, e))?;
     Ok(if a.json {
         format!("{}\n", serde_json::to_string_pretty(&e).unwrap_or_default())

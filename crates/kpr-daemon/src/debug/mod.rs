@@ -228,4 +228,6 @@ impl Hub {
 }
 
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod tests;

@@ -2,29 +2,16 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use kpr_model::{Input, Update};
 use kpr_testkit::{NODE, service, slice};
 
 fn hub_with(services: u32) -> Arc<Hub> {
     let hub = Hub::new(Static {
-        mode: "nftables",
-        masquerade_bit: 14,
-        node_ports: NodePortAddresses::Default,
         localhost_node_ports: true,
         configz: serde_json::json!({"mode": "nftables", "clientConnection": {"kubeconfig": "/var/lib/kube-proxy/kubeconfig"}}),
+        ..fixtures::fixed()
     });
-    let mut state = crate::sync::SyncState::new(crate::sync::SyncConfig {
-        node_name: NODE.into(),
-        masquerade_all: false,
-        detect_local: kpr_model::node::DetectLocalMode::ClusterCidr(vec![
-            "10.0.0.0/8".parse().unwrap(),
-        ]),
-        bind_address: None,
-        min_sync_period: Duration::from_secs(1),
-        sync_period: Duration::from_secs(30),
-        wait_for_node: false,
-    })
-    .with_debug(hub.clone());
+    let state =
+        crate::sync::SyncState::new(fixtures::sync_config(&["10.0.0.0/8"])).with_debug(hub.clone());
     let svcs = (0..services)
         .map(|i| {
             service("ns", &format!("s{i}"))
@@ -42,10 +29,7 @@ fn hub_with(services: u32) -> Arc<Hub> {
                 .build()
         })
         .collect();
-    state.record(Input::Services(Update::Replace(svcs)));
-    state.record(Input::Slices(Update::Replace(slices)));
-    state.sync();
-    state.publish_debug();
+    fixtures::synced(state, None, svcs, slices).publish_debug();
     hub
 }
 

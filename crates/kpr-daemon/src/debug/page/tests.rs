@@ -3,55 +3,19 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use crate::debug::{Hub, Static};
-use crate::sync::{SyncConfig, SyncState};
-use kpr_model::{Input, Update};
+use crate::sync::SyncState;
 use kpr_testkit::{service, slice};
 
-fn hub() -> Arc<Hub> {
-    Hub::new(Static {
-        mode: "nftables",
-        masquerade_bit: 14,
-        node_ports: kpr_config::NodePortAddresses::Default,
-        localhost_node_ports: false,
-        configz: serde_json::Value::Null,
-    })
-}
-
-fn cfg() -> SyncConfig {
-    SyncConfig {
-        node_name: "node-a".into(),
-        masquerade_all: false,
-        detect_local: kpr_model::node::DetectLocalMode::ClusterCidr(vec![
-            "10.0.0.0/8".parse().unwrap(),
-        ]),
-        bind_address: None,
-        min_sync_period: Duration::from_secs(1),
-        sync_period: Duration::from_secs(30),
-        wait_for_node: false,
-    }
-}
+use crate::debug::fixtures::{hub, sync_config, synced};
 
 /// A snapshot of these Services and slices, synced once.
 fn snapshot(services: Vec<kpr_model::Service>, slices: Vec<kpr_model::EndpointSlice>) -> Snapshot {
-    let mut state = SyncState::new(cfg());
-    state.record(Input::Node(Some(Box::new(
-        kpr_testkit::node("node-a")
-            .zone("a")
-            .address("InternalIP", "192.168.0.2")
-            .build(),
-    ))));
-    state.record(Input::Services(Update::Replace(services)));
-    state.record(Input::Slices(Update::Replace(slices)));
-    state.sync();
-    Snapshot {
-        generation: 0,
-        taken: SystemTime::now(),
-        state: state.cluster_state().clone(),
-        desired: state.desired().clone(),
-        node: state.node_context(),
-        changes: Default::default(),
-    }
+    let node = kpr_testkit::node("node-a")
+        .zone("a")
+        .address("InternalIP", "192.168.0.2")
+        .build();
+    let state = SyncState::new(sync_config(&["10.0.0.0/8"]));
+    synced(state, Some(node), services, slices).debug_snapshot(0)
 }
 
 fn web() -> Snapshot {

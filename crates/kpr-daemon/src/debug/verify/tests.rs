@@ -2,10 +2,9 @@
 //! editing the kernel behind the proxy's back would (the real kernel: `tests/traffic.rs`).
 
 use super::*;
-use crate::sync::{SyncConfig, SyncState};
+use crate::debug::fixtures::{self, sync_config, synced};
+use crate::sync::SyncState;
 use kpr_dataplane::nftables::trace::TracePacket;
-use kpr_model::node::DetectLocalMode;
-use kpr_model::{Input, Update};
 use kpr_testkit::{NODE, NODE_IP, POD, node, service, slice};
 
 fn ip(s: &str) -> std::net::IpAddr {
@@ -14,19 +13,7 @@ fn ip(s: &str) -> std::net::IpAddr {
 
 /// Two Services: web (172.30.0.10:80, two endpoints), api (172.30.0.20:80, one).
 fn state() -> (DesiredState, NodeContext) {
-    let mut s = SyncState::new(SyncConfig {
-        node_name: NODE.into(),
-        masquerade_all: false,
-        detect_local: DetectLocalMode::ClusterCidr(vec![
-            "10.0.0.0/8"
-                .parse()
-                .unwrap_or_else(|_| ipnet::IpNet::from(std::net::IpAddr::from([10, 0, 0, 0]))),
-        ]),
-        bind_address: None,
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(30),
-        wait_for_node: false,
-    });
+    let s = SyncState::new(sync_config(&["10.0.0.0/8"]));
     let services = vec![
         service("default", "web")
             .cluster_ip("172.30.0.10")
@@ -48,12 +35,12 @@ fn state() -> (DesiredState, NodeContext) {
             .ready("10.0.0.21", NODE)
             .build(),
     ];
-    s.record(Input::Node(Some(Box::new(
-        node(NODE).address("InternalIP", NODE_IP).build(),
-    ))));
-    s.record(Input::Services(Update::Replace(services)));
-    s.record(Input::Slices(Update::Replace(slices)));
-    s.sync();
+    let s = synced(
+        s,
+        Some(node(NODE).address("InternalIP", NODE_IP).build()),
+        services,
+        slices,
+    );
     (s.desired().clone(), s.node_context())
 }
 
@@ -353,15 +340,7 @@ fn reports_read_as_json_and_text() {
 /// endpoint maps, affinity sets, a firewall, a NodePort and both families.
 #[test]
 fn the_committed_listing_is_the_fakes() {
-    let mut s = SyncState::new(SyncConfig {
-        node_name: NODE.into(),
-        masquerade_all: false,
-        detect_local: DetectLocalMode::ClusterCidr(vec![]),
-        bind_address: None,
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(30),
-        wait_for_node: false,
-    });
+    let s = SyncState::new(sync_config(&[]));
     let services = vec![
         service("default", "aff")
             .cluster_ip("172.30.0.10")
@@ -393,12 +372,12 @@ fn the_committed_listing_is_the_fakes() {
             .ready("10.0.1.12", "node-b")
             .build(),
     ];
-    s.record(Input::Node(Some(Box::new(
-        node(NODE).address("InternalIP", NODE_IP).build(),
-    ))));
-    s.record(Input::Services(Update::Replace(services)));
-    s.record(Input::Slices(Update::Replace(slices)));
-    s.sync();
+    let s = synced(
+        s,
+        Some(node(NODE).address("InternalIP", NODE_IP).build()),
+        services,
+        slices,
+    );
     for family in IpFamily::ALL {
         let Some(fam) = s.desired().families.get(&family) else {
             continue;
@@ -430,13 +409,7 @@ fn the_committed_listing_is_the_fakes() {
 /// wrote, or failed, does.
 #[test]
 fn only_syncs_that_wrote_make_a_reading_stale() {
-    let hub = Hub::new(super::super::Static {
-        mode: "nftables",
-        masquerade_bit: 14,
-        node_ports: NodePortAddresses::Default,
-        localhost_node_ports: false,
-        configz: serde_json::Value::Null,
-    });
+    let hub = fixtures::hub();
     let sync = |operations: usize, result: &str| super::super::SyncRecord {
         time: String::new(),
         full: false,
