@@ -76,7 +76,7 @@ pub struct SyncState {
     /// The debug surface: sync records, and snapshots published when a reader asks.
     debug: Option<std::sync::Arc<crate::debug::Hub>>,
     /// When each Service last changed in the kernel (for the debug surface).
-    changes: std::collections::BTreeMap<kpr_model::ServiceName, crate::debug::ServiceChange>,
+    changes: crate::debug::Changes,
 }
 
 /// The node facts the process cannot change without a restart (§2.3).
@@ -104,7 +104,7 @@ impl SyncState {
             metrics: None,
             service_health: None,
             debug: None,
-            changes: std::collections::BTreeMap::new(),
+            changes: crate::debug::Changes::new(),
         }
     }
 

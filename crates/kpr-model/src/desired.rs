@@ -15,6 +15,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+/// Service ports to what each must do (ordered: output is deterministic).
+pub type PortMap = imbl::OrdMap<ServicePortName, Arc<ServicePortDesired>>;
+
 /// Everything the kernel should do, both families.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DesiredState {
@@ -30,9 +33,9 @@ pub struct FamilyDesired {
     pub masquerade_all: bool,
     /// This node's IP of this family (§2.2), if known.
     pub node_ip: Option<IpAddr>,
-    /// Shared (`Arc`) so a backend's committed copy can keep the version it rendered at no
-    /// cost.
-    pub ports: BTreeMap<ServicePortName, Arc<ServicePortDesired>>,
+    /// A persistent map of shared (`Arc`) entries: a backend's committed copy and a debug
+    /// snapshot are O(1) copies, and an update after one copies only the path to the entry.
+    pub ports: PortMap,
 }
 
 /// An endpoint chosen for a service port.
@@ -128,15 +131,15 @@ impl FamilyDesired {
             detector: policy.detector(family).clone(),
             masquerade_all: policy.masquerade_all,
             node_ip: node.node_ips.get(&family).copied(),
-            ports: BTreeMap::new(),
+            ports: PortMap::new(),
         }
     }
 
     /// (internal, external) counts of service ports with a Local policy and no local endpoint.
     pub fn no_local_endpoints(&self) -> (usize, usize) {
-        let ports = self.ports.values();
-        let internal = ports.clone().filter(|p| p.no_local_internal()).count();
-        (internal, ports.filter(|p| p.no_local_external()).count())
+        let internal = self.ports.values().filter(|p| p.no_local_internal()).count();
+        let external = self.ports.values().filter(|p| p.no_local_external()).count();
+        (internal, external)
     }
 }
 

@@ -22,8 +22,8 @@ pub mod state;
 pub mod topology;
 
 pub use desired::{
-    DesiredState, Endpoint, ExternalAction, FamilyDesired, InternalAction, ServicePortDesired,
-    desired, update_desired,
+    DesiredState, Endpoint, ExternalAction, FamilyDesired, InternalAction, PortMap,
+    ServicePortDesired, desired, update_desired,
 };
 pub use input::{Input, ObjectKey, Update};
 pub use names::{IpFamily, Protocol, ServiceName, ServicePortName};

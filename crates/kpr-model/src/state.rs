@@ -11,6 +11,7 @@ use crate::names::{ServiceName, ServicePortName};
 use crate::node::NodeFacts;
 use crate::objects::{EndpointSlice, Service};
 use crate::parse::{ParsedService, ParsedSlice, Skipped, parse_service, parse_slice};
+use imbl::OrdMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -20,10 +21,12 @@ pub type SliceSet = BTreeMap<String, Arc<ParsedSlice>>;
 /// Everything the model knows, as of the last recorded event.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {
-    services: BTreeMap<ServiceName, Arc<ParsedService>>,
-    slices: BTreeMap<ServiceName, Arc<SliceSet>>,
+    // Persistent maps: a copy (a debug snapshot, the committed state) is O(1), and an update
+    // after one copies only the path to the entry.
+    services: OrdMap<ServiceName, Arc<ParsedService>>,
+    slices: OrdMap<ServiceName, Arc<SliceSet>>,
     /// Which Service each slice (by its own key) currently belongs to.
-    slice_owner: BTreeMap<ObjectKey, ServiceName>,
+    slice_owner: OrdMap<ObjectKey, ServiceName>,
     node: Option<NodeFacts>,
 }
 

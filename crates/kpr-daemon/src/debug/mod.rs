@@ -3,7 +3,7 @@
 //! The sync loop owns the state; it never waits for a reader. It appends a small record per
 //! sync and, only when a reader asks (a [`Hub::snapshot`] call finds the last snapshot older
 //! than the last sync), publishes a [`Snapshot`]: a copy of the cluster state and the desired
-//! state (their entries are shared `Arc`s, so the copy is one map walk). Readers do everything
+//! state, which are persistent maps, so the copy is O(1) whatever the cluster's size. Readers do everything
 //! else (explaining a packet, rendering the committed ruleset, serializing thousands of
 //! service ports) on their own time, off the loop's thread for anything heavy.
 //!
@@ -24,7 +24,7 @@ use kpr_config::NodePortAddresses;
 use kpr_model::intent::HostView;
 use kpr_model::node::NodeContext;
 use kpr_model::{ClusterState, DesiredState, IpFamily, ServiceName};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -56,6 +56,9 @@ pub struct ServiceChange {
     pub latency: Option<Duration>,
 }
 
+/// When each Service last changed in the kernel (a persistent map: a snapshot's copy is O(1)).
+pub type Changes = imbl::OrdMap<ServiceName, ServiceChange>;
+
 /// What the loop publishes for readers.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -66,7 +69,7 @@ pub struct Snapshot {
     /// The desired state of the last sync (what was committed, when it succeeded).
     pub desired: DesiredState,
     pub node: NodeContext,
-    pub changes: BTreeMap<ServiceName, ServiceChange>,
+    pub changes: Changes,
 }
 
 /// What does not change while the process runs.
