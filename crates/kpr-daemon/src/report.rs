@@ -42,8 +42,18 @@ fn family(out: &mut String, fam: &FamilyDesired) {
     let (internal, external) = fam.no_local_endpoints();
     let _ = writeln!(
         out,
-        "  no local endpoints: internal {internal}, external {external}\n"
+        "  no local endpoints: internal {internal}, external {external}"
     );
+    let cidrs = if fam.service_cidrs.is_empty() {
+        "none known (nothing dropped)".to_owned()
+    } else {
+        let v: Vec<String> = fam.service_cidrs.iter().map(ToString::to_string).collect();
+        format!(
+            "{} (nftables mode: new connections to addresses no Service uses are dropped)",
+            v.join(", ")
+        )
+    };
+    let _ = writeln!(out, "  serviceCIDRs: {cidrs}\n");
 }
 
 fn port(out: &mut String, fam: &FamilyDesired, sp: &ServicePortDesired) {

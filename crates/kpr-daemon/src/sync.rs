@@ -254,7 +254,7 @@ impl SyncState {
                 Input::Services(_) => (1, 0),
                 Input::Slices(Update::Replace(v)) => (0, v.len()),
                 Input::Slices(_) => (0, 1),
-                Input::Node(_) => (0, 0),
+                Input::Node(_) | Input::ServiceCidrs(_) => (0, 0),
             };
             m.service_changes_total.inc_by(services as u64);
             m.service_changes_pending.add(services as i64);

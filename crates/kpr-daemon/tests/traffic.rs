@@ -66,6 +66,7 @@ macro_rules! in_every_mode {
 
 in_every_mode!(
     t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints,
+    t4_8_3_unallocated_service_cidr_addresses_are_dropped_in_nftables_mode_only,
     t4_5_1_node_port_and_lb_ip_from_outside_and_t4_8_1_no_endpoints_refuse,
     t4_2_etp_local_preserves_the_client_ip_and_drops_without_local_endpoints,
     t4_3_1_itp_local_t5_4_1_affinity_and_t4_9_1_hairpin,
@@ -506,6 +507,81 @@ fn t4_1_1_cluster_ip_spreads_tcp_and_udp_over_all_endpoints(mode: Mode) {
     assert_eq!(udp.len(), 3, "{udp:?}");
     // Pod to pod: the client pod keeps its own address (no masquerade).
     assert_eq!(peer(&c.lab.tcp(&client, "172.30.0.10", 80)), "10.0.0.5");
+}
+
+const SERVICE_CIDR_YAML: &str = "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [172.30.0.0/16]}\n";
+
+/// T4.8.3: with a ServiceCIDR, a new connection to one of its addresses that no Service uses
+/// is dropped on the node in nftables mode (as upstream), where it was routed out of the
+/// node's default route before; the iptables mode routes it, as upstream. Adding and removing
+/// the ServiceCIDR takes effect at the next sync. The node's default route leads to the
+/// outside namespace, which owns 172.30.9.9 and 172.31.0.9 and answers on them.
+fn t4_8_3_unallocated_service_cidr_addresses_are_dropped_in_nftables_mode_only(mode: Mode) {
+    let Some(mut c) = Cluster::new("t4_8_3", mode) else {
+        return;
+    };
+    let client_pod = c.pod("client-pod", "10.0.0.5", None);
+    c.pod("pod1", "10.0.0.11", None);
+    let outside = c.client.clone();
+    c.lab.sh(&outside, "ip addr add 172.30.9.9/32 dev lo && ip addr add 172.31.0.9/32 dev lo && ip route add 10.0.0.0/8 via 203.0.113.1");
+    c.lab.spawn(
+        &outside,
+        &[
+            "sh",
+            "-c",
+            "socat -t5 TCP4-LISTEN:80,fork,reuseaddr SYSTEM:'echo outside $SOCAT_PEERADDR'",
+        ],
+    );
+    Lab::wait_for("the outside server", Duration::from_secs(5), || {
+        c.lab.sh(&outside, "ss -ltn").contains(":80")
+    });
+    c.manifest("svc.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    c.manifest(
+        "eps.yaml",
+        &slice("web", "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS),
+    );
+    c.manifest("servicecidr.yaml", SERVICE_CIDR_YAML);
+    c.start_proxy();
+    let unallocated = |c: &Cluster| c.lab.tcp(&client_pod, "172.30.9.9", 80);
+    let routed = Reply::Ok("outside 10.0.0.5".into());
+    if mode == Mode::Nftables {
+        assert_eq!(unallocated(&c), Reply::Timeout, "dropped on the node");
+        assert_eq!(
+            c.lab.tcp(&client_pod, "172.30.0.10", 81),
+            Reply::Refused,
+            "a ClusterIP's undefined port is still rejected"
+        );
+        assert!(
+            c.nft("list chain ip kube-proxy-rs cluster-ips-check")
+                .contains("ip daddr 172.30.0.0/16 drop")
+        );
+    } else {
+        assert_eq!(
+            unallocated(&c),
+            routed,
+            "iptables mode does not drop (as upstream)"
+        );
+    }
+    assert_eq!(who(&c.lab.tcp(&client_pod, "172.30.0.10", 80)), "pod1");
+    assert_eq!(
+        c.lab.tcp(&client_pod, "172.31.0.9", 80),
+        routed,
+        "outside every ServiceCIDR: untouched"
+    );
+    // The ServiceCIDR goes: the drop goes with it at the next sync.
+    let before = c.syncs();
+    c.remove("servicecidr.yaml");
+    Lab::wait_for("a sync after the change", Duration::from_secs(5), || {
+        c.syncs() > before
+    });
+    assert_eq!(unallocated(&c), routed);
+    // And comes back.
+    c.apply("servicecidr.yaml", SERVICE_CIDR_YAML);
+    if mode == Mode::Nftables {
+        assert_eq!(unallocated(&c), Reply::Timeout);
+    } else {
+        assert_eq!(unallocated(&c), routed);
+    }
 }
 
 /// T4.4 / T4.5.1: NodePort and LB IP from outside, masqueraded with ETP=Cluster; T4.8.1: a

@@ -20,6 +20,8 @@ enum Ev {
     DelSvc(u8),
     Slice(u8, Vec<(u8, u8)>),
     DelSlice(u8),
+    /// The ServiceCIDRs become one of a few sets of ranges (§4.8).
+    Cidrs(u8),
     Sync,
 }
 
@@ -80,6 +82,7 @@ fn ev() -> impl Strategy<Value = Ev> {
         1 => (0u8..4).prop_map(Ev::DelSvc),
         4 => (0u8..4, prop::collection::vec((0u8..6, 0u8..2), 0..4)).prop_map(|(i, e)| Ev::Slice(i, e)),
         1 => (0u8..4).prop_map(Ev::DelSlice),
+        1 => (0u8..4).prop_map(Ev::Cidrs),
         2 => Just(Ev::Sync),
     ]
 }
@@ -90,6 +93,15 @@ fn record(t: &mut Trackers, e: &Ev) {
         Ev::DelSvc(i) => Input::Services(Update::Delete(ObjectKey::new("ns", format!("s{i}")))),
         Ev::Slice(i, eps) => Input::Slices(Update::Apply(slice_of(*i, eps).build())),
         Ev::DelSlice(i) => Input::Slices(Update::Delete(ObjectKey::new("ns", format!("s{i}-a")))),
+        Ev::Cidrs(v) => {
+            let ranges: &[&str] = match v {
+                0 => &[],
+                1 => &[SERVICE_CIDR],
+                2 => &[SERVICE_CIDR, "fd00:30::/112"],
+                _ => &["172.30.0.0/24", "172.29.0.0/16", "fd00:30::/112"],
+            };
+            Input::ServiceCidrs(Update::Replace(vec![service_cidr("kubernetes", ranges)]))
+        }
         Ev::Sync => return,
     };
     t.record(input);
@@ -232,9 +244,11 @@ fn kernel_agrees(tag: &str, slots: u32, executor: impl Fn(&str) -> Box<dyn Execu
         Ev::Svc(1, 0b00_1001),
         Ev::Slice(1, vec![(3, 0)]),
         Ev::Svc(2, 0b01_0010),
+        Ev::Cidrs(2),
         Ev::Sync,
         Ev::Slice(0, vec![(0, 0), (4, 0)]),
         Ev::Svc(1, 0b00_0001),
+        Ev::Cidrs(3),
         Ev::Sync,
         Ev::DelSvc(2),
         Ev::Slice(1, vec![]),

@@ -1,8 +1,9 @@
 //! The rules of both backends do what the model intends: every behaviour-reference case of §4
 //! and §5 is rendered with the nftables and with the iptables backend, traced through each
 //! backend's typed rules, and gives exactly the model's intent (DNAT targets with masquerade,
-//! DROP, REJECT, PASS). The two intents differ in one place (§4.8): an undefined port on a
-//! ClusterIP is REJECTed by nftables and PASSed by iptables. Plus a property: for random clusters and packets, each backend's tracer agrees with the model.
+//! DROP, REJECT, PASS). The two intents differ in two places (§4.8): an undefined port on a
+//! ClusterIP is REJECTed by nftables and PASSed by iptables, and an address of a ServiceCIDR
+//! that no Service uses is DROPped by nftables and PASSed by iptables. Plus a property: for random clusters and packets, each backend's tracer agrees with the model.
 #![allow(clippy::unwrap_used)]
 
 use kpr_dataplane::iptables::{IptConfig, Rendered as IptRendered, render as ipt_render};
@@ -71,6 +72,15 @@ impl H {
         assert!(
             self.t
                 .record(Input::Slices(Update::Apply(s.build())))
+                .is_empty()
+        );
+        self
+    }
+    fn service_cidr(&mut self, cidrs: &[&str]) -> &mut Self {
+        let c = service_cidr("kubernetes", cidrs);
+        assert!(
+            self.t
+                .record(Input::ServiceCidrs(Update::Apply(c)))
                 .is_empty()
         );
         self
@@ -389,6 +399,54 @@ fn t4_6_source_ranges() {
     h.check(POD, Some("veth1"), false, LB_IP, 80, Protocol::Tcp);
 }
 
+/// §4.8: an address of a ServiceCIDR that no Service uses is dropped by nftables (from pods,
+/// outside clients routed through the node, and the host) and passed by iptables, as upstream;
+/// a ClusterIP in the range keeps its own verdicts.
+#[test]
+fn t4_8_unallocated_service_cidr_addresses() {
+    let mut h = H::new();
+    h.svc(service("ns", "svc").cluster_ip(CIP).port("p80", 80, "TCP"))
+        .slice(eps(true, true))
+        .service_cidr(&[SERVICE_CIDR, "172.29.0.0/24"]);
+    let dropped = (
+        [Outcome::Drop].into(),
+        [Outcome::Pass { masquerade: false }].into(),
+    );
+    for dst in ["172.30.0.42", "172.30.255.255", "172.29.0.7"] {
+        assert_eq!(
+            h.check(POD, Some("veth1"), false, dst, 80, Protocol::Tcp),
+            dropped
+        );
+        assert_eq!(
+            h.check(
+                EXTERNAL_CLIENT,
+                Some("eth0"),
+                false,
+                dst,
+                443,
+                Protocol::Udp
+            ),
+            dropped
+        );
+        assert_eq!(
+            h.check(NODE_IP, None, true, dst, 80, Protocol::Tcp),
+            dropped
+        );
+    }
+    assert_eq!(
+        h.check(POD, Some("veth1"), false, CIP, 80, Protocol::Tcp),
+        same(dnat(&["10.0.0.2:8080", "10.0.1.2:8080"], false))
+    );
+    assert_eq!(
+        h.check(POD, Some("veth1"), false, CIP, 81, Protocol::Tcp).0,
+        [Outcome::Reject].into()
+    );
+    assert_eq!(
+        h.check(POD, Some("veth1"), false, "172.31.0.1", 80, Protocol::Tcp),
+        same([Outcome::Pass { masquerade: false }].into())
+    );
+}
+
 #[test]
 fn t5_terminating_topology_and_affinity() {
     let mut h = H::new();
@@ -473,6 +531,7 @@ mod properties {
             detector in 0u8..3,
             masquerade_all in any::<bool>(),
             node_ports_all in any::<bool>(),
+            with_service_cidr in any::<bool>(),
         ) {
             let mut h = H::new();
             h.masquerade_all = masquerade_all;
@@ -485,12 +544,17 @@ mod properties {
             for (id, v, e) in &services {
                 h.svc(svc(*id, *v)).slice(eps(*id, e));
             }
+            if with_service_cidr {
+                h.service_cidr(&[SERVICE_CIDR]);
+            }
             let sources = [(POD, Some("veth1"), false), (EXTERNAL_CLIENT, Some("eth0"), false), ("203.0.113.200", Some("eth0"), false), (NODE_IP, None, true), ("10.0.0.10", Some("veth9"), false)];
             for (id, _, _) in &services {
                 let dsts = [
                     (format!("172.30.0.{}", id + 1), 80), (format!("172.30.0.{}", id + 1), 53), (format!("172.30.0.{}", id + 1), 99),
                     (format!("1.2.3.{}", id + 1), 81), (format!("192.168.99.{}", id + 1), 80),
                     (NODE_IP.to_owned(), 3000 + u16::from(*id)), (NODE_IP.to_owned(), 3100 + u16::from(*id)), ("192.168.1.2".to_owned(), 3000 + u16::from(*id)), ("127.0.0.1".to_owned(), 3000 + u16::from(*id)),
+                    // Unallocated: inside the ServiceCIDR (when there is one), and outside it.
+                    (format!("172.30.1.{}", id + 1), 80), (format!("172.31.0.{}", id + 1), 80),
                 ];
                 for (src, iif, host) in sources {
                     for (dst, port) in &dsts {

@@ -36,6 +36,9 @@ pub struct FamilyDesired {
     /// A persistent map of shared (`Arc`) entries: a backend's committed copy and a debug
     /// snapshot are O(1) copies, and an update after one copies only the path to the entry.
     pub ports: PortMap,
+    /// The family's ServiceCIDR ranges (§4.8): the nftables mode drops new connections to an
+    /// address in them that no Service uses. Sorted, without repeats.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 /// An endpoint chosen for a service port.
@@ -132,13 +135,22 @@ impl FamilyDesired {
             masquerade_all: policy.masquerade_all,
             node_ip: node.node_ips.get(&family).copied(),
             ports: PortMap::new(),
+            service_cidrs: Vec::new(),
         }
     }
 
     /// (internal, external) counts of service ports with a Local policy and no local endpoint.
     pub fn no_local_endpoints(&self) -> (usize, usize) {
-        let internal = self.ports.values().filter(|p| p.no_local_internal()).count();
-        let external = self.ports.values().filter(|p| p.no_local_external()).count();
+        let internal = self
+            .ports
+            .values()
+            .filter(|p| p.no_local_internal())
+            .count();
+        let external = self
+            .ports
+            .values()
+            .filter(|p| p.no_local_external())
+            .count();
         (internal, external)
     }
 }
@@ -147,8 +159,9 @@ impl FamilyDesired {
 pub fn desired(state: &ClusterState, node: &NodeContext, policy: &ProxyPolicy) -> DesiredState {
     let mut out = DesiredState::default();
     for family in IpFamily::ALL {
-        out.families
-            .insert(family, FamilyDesired::empty(family, node, policy));
+        let mut fam = FamilyDesired::empty(family, node, policy);
+        fam.service_cidrs = state.service_cidrs(family);
+        out.families.insert(family, fam);
     }
     for svc in state.services() {
         insert_service(&mut out, state, svc, node);
@@ -168,6 +181,11 @@ pub fn update_desired(
     if plan.full || current.families.len() != IpFamily::ALL.len() {
         *current = desired(state, node, policy);
         return;
+    }
+    if plan.service_cidrs {
+        for (family, fam) in current.families.iter_mut() {
+            fam.service_cidrs = state.service_cidrs(*family);
+        }
     }
     for name in &plan.changed_services {
         for fam in current.families.values_mut() {

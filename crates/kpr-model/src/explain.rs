@@ -177,7 +177,17 @@ pub fn explain(
                     pkt.dst, sp.name.service, pkt.port, pkt.protocol
                 )
             }
-            None => "not a Service address: kube-proxy does not touch it".into(),
+            None => match fam.service_cidrs.iter().find(|n| n.contains(&pkt.dst)) {
+                Some(net) if host.reject_unknown_cluster_ports => format!(
+                    "{} is inside ServiceCIDR range {net} but no Service uses it: dropped (nftables mode, as upstream)",
+                    pkt.dst
+                ),
+                Some(net) => format!(
+                    "{} is inside ServiceCIDR range {net} but no Service uses it: not touched (iptables mode, as upstream)",
+                    pkt.dst
+                ),
+                None => "not a Service address: kube-proxy does not touch it".into(),
+            },
         });
         out.verdict.why = out.note.clone().unwrap_or_default();
         return out;

@@ -3,7 +3,7 @@
 //! API-server watchers and the manifest-directory source both speak [`Input`], so the model does
 //! not know where objects come from.
 
-use crate::objects::{EndpointSlice, Node, ObjectMeta, Service};
+use crate::objects::{EndpointSlice, Node, ObjectMeta, Service, ServiceCidr};
 use std::fmt;
 
 /// The namespace and name of an object (namespace empty for cluster-scoped objects).
@@ -65,4 +65,6 @@ pub enum Input {
     Slices(Update<EndpointSlice>),
     /// This node's own Node object; `None` when it does not exist (or was deleted).
     Node(Option<Box<Node>>),
+    /// The cluster's ServiceCIDRs (§4.8): the ranges ClusterIPs come from.
+    ServiceCidrs(Update<ServiceCidr>),
 }

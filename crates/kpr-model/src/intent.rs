@@ -30,7 +30,9 @@ pub struct HostView {
     pub node_port_ips: Option<Vec<IpAddr>>,
     /// This host's addresses (used when `node_port_ips` is `None`).
     pub local_ips: Vec<IpAddr>,
-    /// A ClusterIP with an undefined port is rejected (nftables) rather than passed (iptables).
+    /// The nftables mode's `cluster-ips-check` (§4.8): a ClusterIP with an undefined port is
+    /// rejected, and an address of a ServiceCIDR that no Service uses is dropped. The iptables
+    /// mode passes both, as upstream.
     pub reject_unknown_cluster_ports: bool,
 }
 
@@ -76,6 +78,8 @@ enum Hit<'a> {
     Internal(&'a ServicePortDesired),
     External(&'a ServicePortDesired, bool),
     UnknownClusterPort,
+    /// An address inside a ServiceCIDR that no Service uses.
+    Unallocated,
     None,
 }
 
@@ -86,6 +90,8 @@ pub fn intent(fam: &FamilyDesired, host: &HostView, pkt: &Packet) -> Intent {
         Hit::None => Intent::Pass,
         Hit::UnknownClusterPort if host.reject_unknown_cluster_ports => Intent::Reject,
         Hit::UnknownClusterPort => Intent::Pass,
+        Hit::Unallocated if host.reject_unknown_cluster_ports => Intent::Drop,
+        Hit::Unallocated => Intent::Pass,
         Hit::Internal(sp) => {
             let masq = fam.masquerade_all || (fam.detector.is_some() && !pod);
             match sp.internal {
@@ -152,6 +158,9 @@ fn find<'a>(fam: &'a FamilyDesired, host: &HostView, pkt: &Packet) -> Hit<'a> {
         if let Some(sp) = hit {
             return Hit::External(sp, false);
         }
+    }
+    if fam.service_cidrs.iter().any(|n| n.contains(&pkt.dst)) {
+        return Hit::Unallocated;
     }
     Hit::None
 }

@@ -1,6 +1,6 @@
 //! The Kubernetes objects the proxy reads, holding only the fields it uses.
 //!
-//! Services, EndpointSlices and Nodes are decoded from the API server and manifest files into
+//! Services, EndpointSlices, Nodes and ServiceCIDRs are decoded from the API server and manifest files into
 //! these lean types instead of the full API types: everything else an object carries (status
 //! conditions, fields of a newer Kubernetes, managed fields) is skipped unread, and a field the
 //! proxy does use but that holds a value of the wrong kind (a null, a number where a string
@@ -184,6 +184,22 @@ lenient_struct! {
     pub struct NodeAddress {
         "type" => type_: String,
         "address" => address: String,
+    }
+}
+
+lenient_struct! {
+    api = ("networking.k8s.io/v1", "ServiceCIDR");
+    /// A `networking.k8s.io/v1` (or `v1beta1`, the same fields) ServiceCIDR: a range
+    /// ClusterIPs are allocated from (§4.8).
+    pub struct ServiceCidr {
+        "metadata" => metadata: ObjectMeta,
+        "spec" => spec: Option<ServiceCidrSpec>,
+    }
+}
+
+lenient_struct! {
+    pub struct ServiceCidrSpec {
+        "cidrs" => cidrs: Option<Vec<String>>,
     }
 }
 

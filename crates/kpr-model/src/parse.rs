@@ -7,7 +7,7 @@
 
 use crate::input::ObjectKey;
 use crate::names::{IpFamily, Protocol, ServiceName};
-use crate::objects::{EndpointSlice, Service};
+use crate::objects::{EndpointSlice, Service, ServiceCidr};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -31,7 +31,7 @@ pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 /// An object (or part of one) that was not used, and why. The caller logs it once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
-    /// `Service`, `EndpointSlice` or `Node`.
+    /// `Service`, `EndpointSlice`, `Node` or `ServiceCIDR`.
     pub kind: &'static str,
     pub object: ObjectKey,
     /// True when the whole object was skipped; false when only one entry of it was.
@@ -444,6 +444,29 @@ pub fn parse_slice(
         endpoints,
         trigger_time,
     }))
+}
+
+/// The ranges of a ServiceCIDR (§4.8). An entry the API server would refuse (not a CIDR, or
+/// host bits set) is dropped and noted: without it fewer addresses are dropped, which is what
+/// happened before the ServiceCIDR existed.
+pub fn parse_service_cidr(obj: &ServiceCidr, notes: &mut Vec<Skipped>) -> Vec<IpNet> {
+    let key = ObjectKey::of(&obj.metadata);
+    let mut out = Vec::new();
+    let raw = obj.spec.as_ref().and_then(|s| s.cidrs.as_deref());
+    for entry in raw.unwrap_or_default() {
+        match entry.parse::<IpNet>() {
+            Ok(net) if net == net.trunc() => out.push(net),
+            _ => notes.push(Skipped {
+                kind: "ServiceCIDR",
+                object: key.clone(),
+                whole: false,
+                reason: format!("invalid spec.cidrs entry {entry:?} (a CIDR with no host bits)"),
+            }),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Names the API server would refuse (and that must never reach rule text): the namespace

@@ -7,11 +7,14 @@
 //! sequence of events depends only on the final objects, not on the order they arrived in.
 
 use crate::input::{Input, ObjectKey, Update};
-use crate::names::{ServiceName, ServicePortName};
+use crate::names::{IpFamily, ServiceName, ServicePortName};
 use crate::node::NodeFacts;
-use crate::objects::{EndpointSlice, Service};
-use crate::parse::{ParsedService, ParsedSlice, Skipped, parse_service, parse_slice};
+use crate::objects::{EndpointSlice, Service, ServiceCidr};
+use crate::parse::{
+    ParsedService, ParsedSlice, Skipped, parse_service, parse_service_cidr, parse_slice,
+};
 use imbl::OrdMap;
+use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -28,11 +31,32 @@ pub struct ClusterState {
     /// Which Service each slice (by its own key) currently belongs to.
     slice_owner: OrdMap<ObjectKey, ServiceName>,
     node: Option<NodeFacts>,
+    /// The ranges of each ServiceCIDR, by name (§4.8).
+    service_cidrs: BTreeMap<String, Vec<IpNet>>,
 }
 
 impl ClusterState {
     pub fn services(&self) -> impl Iterator<Item = &ParsedService> {
         self.services.values().map(Arc::as_ref)
+    }
+
+    /// Every ServiceCIDR range of one family, sorted, without repeats.
+    pub fn service_cidrs(&self, family: IpFamily) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = self
+            .service_cidrs
+            .values()
+            .flatten()
+            .filter(|n| IpFamily::of(&n.addr()) == family)
+            .copied()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// How many ServiceCIDR objects are known.
+    pub fn service_cidr_count(&self) -> usize {
+        self.service_cidrs.len()
     }
 
     pub fn service(&self, name: &ServiceName) -> Option<&ParsedService> {
@@ -105,6 +129,8 @@ pub struct SyncPlan {
     pub changed_services: BTreeSet<ServiceName>,
     /// Their ports, before and after the change.
     pub changed_ports: BTreeSet<ServicePortName>,
+    /// The ServiceCIDRs changed (the ranges whose unallocated addresses are dropped, §4.8).
+    pub service_cidrs: bool,
     /// The newest `last-change-trigger-time` annotations of the changed slices (for
     /// network-programming latency), verbatim.
     pub trigger_times: Vec<String>,
@@ -120,7 +146,7 @@ impl SyncPlan {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.full && self.changed_services.is_empty()
+        !self.full && !self.service_cidrs && self.changed_services.is_empty()
     }
 }
 
@@ -133,6 +159,8 @@ pub struct Trackers {
     /// Per Service whose slices changed: its slices at the last checkout.
     prev_slices: BTreeMap<ServiceName, Option<Arc<SliceSet>>>,
     full: bool,
+    /// The ServiceCIDRs changed since the last checkout.
+    service_cidrs_changed: bool,
     service_changes_total: u64,
     endpoint_changes_total: u64,
 }
@@ -151,6 +179,7 @@ impl Trackers {
             prev_services: BTreeMap::new(),
             prev_slices: BTreeMap::new(),
             full: true,
+            service_cidrs_changed: false,
             service_changes_total: 0,
             endpoint_changes_total: 0,
         }
@@ -188,13 +217,17 @@ impl Trackers {
                 }
                 self.state.node = facts;
             }
+            Input::ServiceCidrs(update) => self.record_service_cidrs(update, &mut notes),
         }
         notes
     }
 
     /// Whether a sync would do anything.
     pub fn has_pending(&self) -> bool {
-        self.full || !self.prev_services.is_empty() || !self.prev_slices.is_empty()
+        self.full
+            || self.service_cidrs_changed
+            || !self.prev_services.is_empty()
+            || !self.prev_slices.is_empty()
     }
 
     /// Services with pending definition changes and with pending endpoint changes (upstream's
@@ -217,6 +250,7 @@ impl Trackers {
     pub fn checkout(&mut self) -> SyncPlan {
         let mut plan = SyncPlan {
             full: std::mem::take(&mut self.full),
+            service_cidrs: std::mem::take(&mut self.service_cidrs_changed),
             ..SyncPlan::default()
         };
         let prev_services = std::mem::take(&mut self.prev_services);
@@ -241,6 +275,36 @@ impl Trackers {
             plan.trigger_times.extend(times);
         }
         plan
+    }
+
+    fn record_service_cidrs(&mut self, update: Update<ServiceCidr>, notes: &mut Vec<Skipped>) {
+        let before = self.state.service_cidrs.clone();
+        let cidrs = &mut self.state.service_cidrs;
+        let name = |o: &ServiceCidr| o.metadata.name.clone().unwrap_or_default();
+        match update {
+            Update::Apply(o) => {
+                cidrs.insert(name(&o), parse_service_cidr(&o, notes));
+            }
+            Update::Delete(key) => {
+                cidrs.remove(&key.name);
+            }
+            Update::Replace(list) => {
+                *cidrs = list
+                    .iter()
+                    .map(|o| (name(o), parse_service_cidr(o, notes)))
+                    .collect();
+            }
+            Update::Keep(keys) => {
+                let keep: BTreeSet<String> = keys.into_iter().map(|k| k.name).collect();
+                cidrs.retain(|n, _| keep.contains(n));
+            }
+        }
+        let ranges = |m: &BTreeMap<String, Vec<IpNet>>| -> BTreeSet<IpNet> {
+            m.values().flatten().copied().collect()
+        };
+        if ranges(&before) != ranges(&self.state.service_cidrs) {
+            self.service_cidrs_changed = true;
+        }
     }
 
     fn apply_service(&mut self, svc: &Service, notes: &mut Vec<Skipped>) {

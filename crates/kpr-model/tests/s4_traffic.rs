@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use kpr_model::intent::Intent;
 use kpr_model::node::DetectLocalMode;
-use kpr_model::{IpFamily, Protocol};
+use kpr_model::{Input, IpFamily, ObjectKey, Protocol, Update};
 use kpr_testkit::*;
 
 const CIP: &str = "172.30.0.41";
@@ -319,6 +319,82 @@ fn t4_8_2_undefined_cluster_ip_port_rejects_in_nftables_and_passes_in_iptables()
     assert_eq!(h.trace(from_pod(POD).tcp(CIP, 81)), Intent::Reject);
     h.host.reject_unknown_cluster_ports = false;
     assert_eq!(h.trace(from_pod(POD).tcp(CIP, 81)), Intent::Pass);
+}
+
+/// §4.8: an address of a ServiceCIDR that no Service uses is dropped in nftables mode and
+/// passed in iptables mode; allocated ClusterIPs keep their own verdicts, and addresses
+/// outside every ServiceCIDR stay untouched.
+#[test]
+fn t4_8_3_unallocated_service_cidr_address_drops_in_nftables_and_passes_in_iptables() {
+    let mut h = Harness::new();
+    h.service(svc().port("p80", 80, "TCP"))
+        .slice(eps(true, false));
+    // No ServiceCIDR known (none served, or none yet): nothing is dropped.
+    assert_eq!(h.trace(from_pod(POD).tcp("172.30.9.9", 80)), Intent::Pass);
+    h.service_cidr(kpr_testkit::service_cidr(
+        "kubernetes",
+        &[kpr_testkit::SERVICE_CIDR, "fd00:30::/108"],
+    ));
+    assert_eq!(h.trace(from_pod(POD).tcp("172.30.9.9", 80)), Intent::Drop);
+    assert_eq!(
+        h.trace(from_host(NODE_IP).tcp("172.30.9.9", 443)),
+        Intent::Drop,
+        "host-originated traffic too (filter-output-post-dnat)"
+    );
+    assert_eq!(h.trace(from_pod(POD).tcp(CIP, 81)), Intent::Reject);
+    assert_eq!(
+        h.trace(from_pod(POD).tcp(CIP, 80)),
+        dnat(&["10.0.0.2:80"], false)
+    );
+    assert_eq!(h.trace(from_pod(POD).tcp("172.31.0.1", 80)), Intent::Pass);
+    h.host.reject_unknown_cluster_ports = false;
+    assert_eq!(h.trace(from_pod(POD).tcp("172.30.9.9", 80)), Intent::Pass);
+}
+
+/// §4.8: the ranges are the union of every ServiceCIDR's, per family; an entry the API server
+/// would refuse is skipped with a reason; a change makes a sync due, and deleting the object
+/// lifts the drop.
+#[test]
+fn t4_8_4_service_cidrs_are_tracked_per_object_and_family() {
+    let mut h = Harness::new();
+    h.trackers.checkout();
+    h.service_cidr(kpr_testkit::service_cidr(
+        "kubernetes",
+        &["172.30.0.0/16", "fd00:30::/108"],
+    ));
+    h.service_cidr(kpr_testkit::service_cidr(
+        "extra",
+        &["172.31.0.0/24", "172.30.0.0/16", "10.1.2.3/8", "bogus"],
+    ));
+    let plan = h.trackers.checkout();
+    assert!(plan.service_cidrs && !plan.is_empty(), "{plan:?}");
+    let d = h.desired();
+    let v4: Vec<String> = d.families[&IpFamily::V4]
+        .service_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(v4, ["172.30.0.0/16", "172.31.0.0/24"]);
+    let v6 = &d.families[&IpFamily::V6].service_cidrs;
+    assert_eq!(v6.len(), 1);
+    let reasons: Vec<String> = h.skipped.iter().map(ToString::to_string).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("ServiceCIDR extra") && reasons[0].contains("10.1.2.3/8"));
+    // The same ranges again: nothing to do.
+    h.service_cidr(kpr_testkit::service_cidr(
+        "extra",
+        &["172.31.0.0/24", "172.30.0.0/16"],
+    ));
+    assert!(!h.trackers.checkout().service_cidrs);
+    h.trackers
+        .record(Input::ServiceCidrs(Update::Delete(ObjectKey::new(
+            "", "extra",
+        ))));
+    assert!(h.trackers.checkout().service_cidrs);
+    assert_eq!(h.desired().families[&IpFamily::V4].service_cidrs.len(), 1);
+    h.trackers
+        .record(Input::ServiceCidrs(Update::Keep(Vec::new())));
+    assert!(h.desired().families[&IpFamily::V4].service_cidrs.is_empty());
 }
 
 #[test]

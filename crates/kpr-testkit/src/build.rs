@@ -1,4 +1,4 @@
-//! Builders for Services, EndpointSlices and Nodes as the model's lean API objects.
+//! Builders for Services, EndpointSlices, Nodes and ServiceCIDRs as the model's lean API objects.
 //!
 //! Tests describe objects in one line each (`service("ns", "svc").cluster_ip("172.30.0.1")
 //! .port("p80", 80, "TCP")`) and get exactly what the API server would hand the proxy.
@@ -6,7 +6,8 @@
 use kpr_model::objects::{
     ClientIpConfig, Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
     ForName, LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeSpec, NodeStatus,
-    ObjectMeta, Service, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig, Taint,
+    ObjectMeta, Service, ServiceCidr, ServiceCidrSpec, ServicePort, ServiceSpec, ServiceStatus,
+    SessionAffinityConfig, Taint,
 };
 use std::collections::BTreeMap;
 
@@ -358,5 +359,16 @@ impl NodeBuilder {
 impl From<NodeBuilder> for Node {
     fn from(b: NodeBuilder) -> Node {
         b.0
+    }
+}
+
+/// A ServiceCIDR (cluster-scoped) with these ranges, e.g.
+/// `service_cidr("kubernetes", &["172.30.0.0/16"])`.
+pub fn service_cidr(name: &str, cidrs: &[&str]) -> ServiceCidr {
+    ServiceCidr {
+        metadata: meta("", name),
+        spec: Some(ServiceCidrSpec {
+            cidrs: Some(cidrs.iter().map(|c| (*c).to_owned()).collect()),
+        }),
     }
 }

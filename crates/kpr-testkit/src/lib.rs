@@ -10,7 +10,10 @@ pub mod build;
 pub mod lab;
 pub mod odd;
 
-pub use build::{NodeBuilder, ServiceBuilder, SliceBuilder, node, service, slice};
+pub use build::{NodeBuilder, ServiceBuilder, SliceBuilder, node, service, service_cidr, slice};
+
+/// The ServiceCIDR the test ClusterIPs come from.
+pub const SERVICE_CIDR: &str = "172.30.0.0/16";
 
 /// This node's name in tests.
 pub const NODE: &str = "node-a";

@@ -1,12 +1,12 @@
 //! Decoding manifest files: YAML (multi-document) or JSON text into typed Services,
-//! EndpointSlices and Nodes, skipping what cannot be decoded with one [`Problem`] each.
+//! EndpointSlices, Nodes and ServiceCIDRs, skipping what cannot be decoded with one [`Problem`] each.
 //!
 //! Each document is decoded on its own, so one broken document costs only itself; a `kind: List`
 //! is expanded. A document is read into a generic value, then into the model's lean object,
 //! which takes what the proxy uses and never fails on the rest (`kpr_model::objects`): whether
 //! the used fields make sense is the model's to say.
 
-use kpr_model::objects::{EndpointSlice, Node, Service};
+use kpr_model::objects::{EndpointSlice, Node, Service, ServiceCidr};
 use kpr_model::{Input, ObjectKey, Update};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -44,15 +44,18 @@ pub struct Snapshot {
     pub slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// The Node, when the directory defines one (the last one in path order).
     pub node: Option<Node>,
+    /// ServiceCIDRs (`networking.k8s.io/v1` or `v1beta1`), by name.
+    pub service_cidrs: BTreeMap<String, ServiceCidr>,
 }
 
 impl Snapshot {
-    /// The events that make a fresh model equal to this snapshot: full lists of Services and
-    /// EndpointSlices, and the Node when there is one.
+    /// The events that make a fresh model equal to this snapshot: full lists of Services,
+    /// EndpointSlices and ServiceCIDRs, and the Node when there is one.
     pub fn into_inputs(self) -> Vec<Input> {
         let mut out = vec![
             Input::Services(Update::Replace(self.services.into_values().collect())),
             Input::Slices(Update::Replace(self.slices.into_values().collect())),
+            Input::ServiceCidrs(Update::Replace(self.service_cidrs.into_values().collect())),
         ];
         if let Some(node) = self.node {
             out.push(Input::Node(Some(Box::new(node))));
@@ -126,13 +129,14 @@ impl Snapshot {
             .and_then(Value::as_str)
             .unwrap_or("default")
             .to_owned();
-        let label = if kind == "Node" {
-            format!("Node {name}")
+        let cluster_scoped = kind == "Node" || kind == "ServiceCIDR";
+        let label = if cluster_scoped {
+            format!("{kind} {name}")
         } else {
             format!("{kind} {ns}/{name}")
         };
         let key = ObjectKey::new(
-            if kind == "Node" {
+            if cluster_scoped {
                 String::new()
             } else {
                 ns.clone()
@@ -151,6 +155,9 @@ impl Snapshot {
                 self.slices.insert(key, s).is_some()
             }
             ("v1", "Node") => self.node.replace(lean(value)).is_some(),
+            ("networking.k8s.io/v1" | "networking.k8s.io/v1beta1", "ServiceCIDR") => {
+                self.service_cidrs.insert(name, lean(value)).is_some()
+            }
             _ => return, // other kinds (Deployments, ConfigMaps, ...) are not ours
         };
         if again {

@@ -110,6 +110,11 @@ fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Input> {
     if old.node != new.node {
         out.push(Input::Node(new.node.clone().map(Box::new)));
     }
+    if old.service_cidrs != new.service_cidrs {
+        out.push(Input::ServiceCidrs(Update::Replace(
+            new.service_cidrs.values().cloned().collect(),
+        )));
+    }
     out
 }
 

@@ -86,6 +86,22 @@ fn describe(i: &Input) -> String {
         Input::Slices(Update::Delete(k)) => format!("E-{}", k.name),
         Input::Node(Some(n)) => format!("N={}", n.metadata.name.clone().unwrap()),
         Input::Node(None) => "N=-".into(),
+        Input::ServiceCidrs(Update::Replace(v)) => {
+            format!(
+                "C={}",
+                names(v.iter().map(|s| s.metadata.name.clone()).collect())
+            )
+        }
+        Input::ServiceCidrs(Update::Keep(k)) => {
+            format!(
+                "C={}",
+                names(k.iter().map(|k| Some(k.name.clone())).collect())
+            )
+        }
+        Input::ServiceCidrs(Update::Apply(c)) => {
+            format!("C+{}", c.metadata.name.clone().unwrap())
+        }
+        Input::ServiceCidrs(Update::Delete(k)) => format!("C-{}", k.name),
     }
 }
 

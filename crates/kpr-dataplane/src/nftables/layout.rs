@@ -9,6 +9,7 @@
 //! endpoints is the last rule of its `external-` chain, so host-originated traffic, which takes
 //! the short-circuit, is never dropped by a pre-DNAT filter.
 
+use ipnet::IpNet;
 use kpr_nft::{
     Addr, BaseChain, Chain, ChainType, Hook, KeyType, L4Proto, Map, Match, Rule, Set, Statement,
     Verdict, priority,
@@ -149,8 +150,35 @@ pub enum NodePortMatch {
     Set,
 }
 
+/// `cluster-ips-check` (§4.8, §12.4): new connections to a ClusterIP on a port it does not
+/// define are rejected; then those to any other address of a ServiceCIDR are dropped (one
+/// `ip daddr <range> drop` per range, where upstream writes one rule with an anonymous set).
+pub fn cluster_ips_check(service_cidrs: &[IpNet]) -> Vec<Rule> {
+    let reject = Rule::new(CLUSTER_IPS_CHECK)
+        .m(Match::InSet {
+            addr: Addr::Daddr,
+            negate: false,
+            set: CLUSTER_IPS.into(),
+        })
+        .s(Statement::Reject);
+    let drops = service_cidrs.iter().map(|net| {
+        Rule::new(CLUSTER_IPS_CHECK)
+            .m(Match::Net {
+                addr: Addr::Daddr,
+                negate: false,
+                net: *net,
+            })
+            .s(Statement::Verdict(Verdict::Drop))
+    });
+    std::iter::once(reject).chain(drops).collect()
+}
+
 /// The regular chains every table has, with their rules.
-pub fn fixed_chains(mark: u32, node_ports: &NodePortMatch) -> Vec<(Chain, Vec<Rule>)> {
+pub fn fixed_chains(
+    mark: u32,
+    node_ports: &NodePortMatch,
+    service_cidrs: &[IpNet],
+) -> Vec<(Chain, Vec<Rule>)> {
     let nodeport_dst = |r: Rule| match node_ports {
         NodePortMatch::AllLocal { loopback } => r.m(Match::FibLocal(Addr::Daddr)).m(Match::Net {
             addr: Addr::Daddr,
@@ -205,18 +233,7 @@ pub fn fixed_chains(mark: u32, node_ports: &NodePortMatch) -> Vec<(Chain, Vec<Ru
                 map: FIREWALL_IPS.into(),
             })],
         ),
-        (
-            chain(CLUSTER_IPS_CHECK),
-            vec![
-                Rule::new(CLUSTER_IPS_CHECK)
-                    .m(Match::InSet {
-                        addr: Addr::Daddr,
-                        negate: false,
-                        set: CLUSTER_IPS.into(),
-                    })
-                    .s(Statement::Reject),
-            ],
-        ),
+        (chain(CLUSTER_IPS_CHECK), cluster_ips_check(service_cidrs)),
         (
             chain(REJECT_CHAIN),
             vec![Rule::new(REJECT_CHAIN).s(Statement::Reject)],

@@ -188,6 +188,8 @@ pub struct Rendered {
     /// share endpoints).
     shared: BTreeMap<Shared, usize>,
     config: Option<NftConfig>,
+    /// The ServiceCIDR ranges `cluster-ips-check` drops.
+    service_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Rendered {
@@ -325,6 +327,11 @@ pub fn render(
             comment: None,
         })
     }));
+    // A ServiceCIDR change rewrites the one chain that drops their unallocated addresses.
+    if fam.service_cidrs != next.service_cidrs {
+        next.service_cidrs = fam.service_cidrs.clone();
+        rewrite.push(layout::cluster_ips_check(&next.service_cidrs));
+    }
     for rules in rewrite {
         if let Some(first) = rules.first() {
             tx.push(Op::FlushChain(first.chain.clone()));
@@ -438,10 +445,11 @@ fn render_full_with(
     let (maps, sets) = layout::fixed_maps_and_sets();
     tx.ops.extend(maps.into_iter().map(Op::AddMap));
     tx.ops.extend(sets.into_iter().map(Op::AddSet));
-    let fixed: Vec<(Chain, Vec<Rule>)> = layout::fixed_chains(cfg.masquerade_mark, &np)
-        .into_iter()
-        .chain(layout::base_chains())
-        .collect();
+    let fixed: Vec<(Chain, Vec<Rule>)> =
+        layout::fixed_chains(cfg.masquerade_mark, &np, &fam.service_cidrs)
+            .into_iter()
+            .chain(layout::base_chains())
+            .collect();
     tx.ops
         .extend(fixed.iter().map(|(c, _)| Op::AddChain(c.clone())));
     tx.ops
@@ -458,6 +466,7 @@ fn render_full_with(
     let mut next = Rendered {
         config: Some(cfg.clone()),
         ctx: Some(ctx.clone()),
+        service_cidrs: fam.service_cidrs.clone(),
         slots: assign_slots(fam.ports.keys(), cfg.endpoint_slots),
         ..Rendered::default()
     };

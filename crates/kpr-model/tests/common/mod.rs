@@ -51,6 +51,13 @@ impl Harness {
         self
     }
 
+    /// Adds or changes a ServiceCIDR.
+    pub fn service_cidr(&mut self, c: kpr_model::objects::ServiceCidr) -> &mut Self {
+        let notes = self.trackers.record(Input::ServiceCidrs(Update::Apply(c)));
+        self.skipped.extend(notes);
+        self
+    }
+
     pub fn node(&mut self, n: impl Into<Node>) -> &mut Self {
         self.trackers.record(Input::Node(Some(Box::new(n.into()))));
         self
