@@ -83,6 +83,9 @@ fn the_daemonset_and_its_rbac_and_config_are_upstreams_shape() {
         "events.k8s.io/events:update",
         "discovery.k8s.io/endpointslices:list",
         "discovery.k8s.io/endpointslices:watch",
+        // Upstream's system:node-proxier since ServiceCIDRs (§4.8).
+        "networking.k8s.io/servicecidrs:list",
+        "networking.k8s.io/servicecidrs:watch",
     ]
     .into_iter()
     .map(str::to_owned)
