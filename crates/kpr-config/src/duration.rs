@@ -291,10 +291,12 @@ fn parse_go_duration(orig: &str) -> Result<GoDuration, DurationError> {
                 return Err(invalid());
             }
         }
-        total += v;
-        if total > LIMIT {
-            return Err(invalid());
-        }
+        // Both are at most 2^63, so the sum can overflow: check, not wrap (Go's uint64 wraps
+        // here and reads "9223372036854775808ns9223372036854775808ns" as 0).
+        total = total
+            .checked_add(v)
+            .filter(|t| *t <= LIMIT)
+            .ok_or_else(invalid)?;
     }
     if neg {
         // total <= 2^63, so the negation fits.

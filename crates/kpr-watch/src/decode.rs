@@ -49,16 +49,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The events that make a fresh model equal to this snapshot: full lists of Services,
-    /// EndpointSlices and ServiceCIDRs, and the Node when there is one.
+    /// The events that make a fresh model equal to this snapshot: full lists of Services and
+    /// EndpointSlices, the Node when there is one, and the ServiceCIDRs when there are some.
     pub fn into_inputs(self) -> Vec<Input> {
         let mut out = vec![
             Input::Services(Update::Replace(self.services.into_values().collect())),
             Input::Slices(Update::Replace(self.slices.into_values().collect())),
-            Input::ServiceCidrs(Update::Replace(self.service_cidrs.into_values().collect())),
         ];
         if let Some(node) = self.node {
             out.push(Input::Node(Some(Box::new(node))));
+        }
+        if !self.service_cidrs.is_empty() {
+            out.push(Input::ServiceCidrs(Update::Replace(
+                self.service_cidrs.into_values().collect(),
+            )));
         }
         out
     }

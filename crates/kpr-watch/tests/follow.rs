@@ -23,6 +23,7 @@ fn the_examples_load_and_the_broken_object_is_reported() {
     assert_eq!(snap.services.len(), 13);
     assert_eq!(snap.slices.len(), 11);
     assert!(snap.node.is_some());
+    assert_eq!(snap.service_cidrs.len(), 1);
 }
 
 #[test]
@@ -37,6 +38,7 @@ fn kind(i: &Input) -> &'static str {
         Input::Slices(Update::Replace(_)) => "slices",
         Input::Node(Some(_)) => "node",
         Input::Node(None) => "no-node",
+        Input::ServiceCidrs(Update::Replace(_)) => "service-cidrs",
         _ => "other",
     }
 }
@@ -80,6 +82,15 @@ async fn follows_changes_kind_by_kind() {
     // The Node file goes away: the Node is gone.
     std::fs::remove_file(dir.join("node.yaml")).unwrap();
     assert_eq!(next(&mut rx).await, Some("no-node"));
+    // A ServiceCIDR appears, and goes: the whole list each time.
+    std::fs::write(
+        dir.join("cidr.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: kubernetes}\nspec: {cidrs: [172.30.0.0/16]}\n",
+    )
+    .unwrap();
+    assert_eq!(next(&mut rx).await, Some("service-cidrs"));
+    std::fs::remove_file(dir.join("cidr.yaml")).unwrap();
+    assert_eq!(next(&mut rx).await, Some("service-cidrs"));
     // A Service file deleted: a Replace without it.
     std::fs::remove_file(dir.join("svc.yaml")).unwrap();
     let Some(Input::Services(Update::Replace(list))) =
