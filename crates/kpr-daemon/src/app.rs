@@ -382,7 +382,7 @@ where
 {
     let mut logged = false;
     loop {
-        match tokio::net::TcpListener::bind(addr).await {
+        match kpr_ops::listen::bind(addr) {
             Ok(listener) => {
                 tracing::info!(address = %addr, "Serving {what}");
                 if let Err(e) = serve_on(listener).await {

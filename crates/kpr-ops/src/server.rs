@@ -1,7 +1,9 @@
 //! The `/healthz` and `/livez` server (§7.1): any method; other paths 404; upstream's headers.
-//! It reads the shared [`Health`], which the sync loop updates.
+//! It reads the shared [`Health`], which the sync loop updates. Both servers here run on
+//! [`crate::listen::serve`] (connection cap, timeouts, size limits).
 
 use crate::health::{HealthModel, Probe};
+use crate::listen::Limits;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,10 +97,21 @@ impl Health {
     }
 }
 
-/// Serves `/healthz` and `/livez` on `listener` until `shutdown` resolves.
+/// Serves `/healthz` and `/livez` on `listener` until `shutdown` resolves, within
+/// [`Limits::health`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, health, Limits::health(), shutdown).await
+}
+
+/// [`serve`] within other limits.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (h1, h2) = (health.clone(), health);
@@ -112,12 +125,11 @@ pub async fn serve(
             axum::routing::any(move || async move { h2.respond(false) }),
         )
         .fallback(|| async { StatusCode::NOT_FOUND });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::listen::serve(listener, app, limits, shutdown).await
 }
 
-/// Serves the metrics server's paths (§8) on `listener` until `shutdown` resolves:
+/// Serves the metrics server's paths (§8) on `listener` until `shutdown` resolves, within
+/// [`Limits::metrics`]:
 /// `/metrics`, `/healthz` (always `ok`) and `/proxyMode`, and the routes of `extra` (the
 /// daemon's debug surface).
 pub async fn serve_metrics(
@@ -151,9 +163,7 @@ pub async fn serve_metrics(
             }),
         )
         .fallback(|| async { StatusCode::NOT_FOUND });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::listen::serve(listener, app, Limits::metrics(), shutdown).await
 }
 
 #[cfg(test)]

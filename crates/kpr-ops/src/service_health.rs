@@ -2,8 +2,10 @@
 //! externalTrafficPolicy=Local, an HTTP server on its healthCheckNodePort telling the load
 //! balancer how many ready endpoints of the Service this node has (200 with the count, 503 with
 //! none or when the proxy is unhealthy). Opened and closed after each successful sync; a port
-//! that cannot be bound is tried again at the next sync.
+//! that cannot be bound is tried again at the next sync. Served by [`crate::listen::serve`]
+//! within [`Limits::health`].
 
+use crate::listen::Limits;
 use crate::server::Health;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +35,7 @@ struct Running {
 #[derive(Debug)]
 pub struct ServiceHealth {
     health: Arc<Health>,
+    limits: Limits,
     running: BTreeMap<u16, Running>,
     failed_logged: BTreeMap<u16, String>,
 }
@@ -62,8 +65,14 @@ fn json_string(s: &str) -> String {
 
 impl ServiceHealth {
     pub fn new(health: Arc<Health>) -> ServiceHealth {
+        ServiceHealth::with_limits(health, Limits::health())
+    }
+
+    /// The same, serving within other limits.
+    pub fn with_limits(health: Arc<Health>, limits: Limits) -> ServiceHealth {
         ServiceHealth {
             health,
+            limits,
             running: BTreeMap::new(),
             failed_logged: BTreeMap::new(),
         }
@@ -120,9 +129,7 @@ impl ServiceHealth {
         let count = Arc::new(AtomicUsize::new(w.local_endpoints));
         let mut listeners = Vec::new();
         for ip in addrs {
-            let l = std::net::TcpListener::bind(SocketAddr::new(*ip, port))?;
-            l.set_nonblocking(true)?;
-            listeners.push(tokio::net::TcpListener::from_std(l)?);
+            listeners.push(crate::listen::bind(SocketAddr::new(*ip, port))?);
         }
         let mut stops = Vec::new();
         for listener in listeners {
@@ -134,13 +141,15 @@ impl ServiceHealth {
                     (ns.clone(), name.clone(), count.clone(), health.clone());
                 async move { respond(&ns, &name, count.load(Ordering::Relaxed), &health) }
             });
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            });
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            tokio::spawn(crate::listen::serve(
+                listener,
+                app,
+                self.limits.clone(),
+                stopped,
+            ));
             stops.push(stop);
         }
         tracing::debug!(port, service = %format!("{}/{}", w.namespace, w.name), "Opened healthCheckNodePort");
