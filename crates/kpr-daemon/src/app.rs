@@ -85,6 +85,23 @@ fn sandbox() -> ExitCode {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as Go programs (upstream) do at start:
+/// the servers' connection cap is a share of it (`kpr_ops::listen`), and the common soft
+/// limit of 1,024 would leave them 256 connections.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!("Could not raise the open-files limit: {e}");
+        }
+    }
+}
+
 fn run(resolved: &Resolved) -> anyhow::Result<()> {
     let proxy = &resolved.proxy;
     if let Some(path) = &proxy.write_config_to {
@@ -97,6 +114,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         return cleanup();
     }
     let cfg = sync_config(proxy)?;
+    raise_fd_limit();
     let source = match proxy.manifests.as_deref() {
         Some(dir) => {
             tracing::info!(node = %cfg.node_name, mode = proxy.mode.as_str(), manifests = %dir.display(), "Starting kube-proxy-rs");
