@@ -2,18 +2,27 @@
 //! faithful where a client (kube-rs's watcher, kube-proxy-rs) depends on it.
 //!
 //! No kube-apiserver package can be installed here, so the repository carries this one. It
-//! keeps objects as JSON with a global resourceVersion, and serves:
-//! - lists (`items` plus the list's resourceVersion), with label and field selectors;
+//! keeps objects as JSON text with a global resourceVersion, and serves:
+//! - lists (`items` plus the list's resourceVersion), with label and field selectors, in pages
+//!   when asked (`limit`, `continue`; every page carries the first page's resourceVersion);
 //! - watches from a resourceVersion: the events after it, then live ones, as newline-delimited
 //!   JSON; bookmarks when asked for (`allowWatchBookmarks`); `410 Gone` (an `ERROR` event with
-//!   an `Expired` Status) for a resourceVersion older than the kept history; `timeoutSeconds`;
+//!   an `Expired` Status) for a resourceVersion older than the kept history (bounded, as the
+//!   API server's watch cache is: [`Options::history`]); `timeoutSeconds`;
 //! - an optional bearer token (401 without it), over plain HTTP or HTTPS with a certificate of
 //!   its own test CA for 127.0.0.1 ([`ApiServer::ca_pem`], for a kubeconfig or `ca.crt`).
 //!
 //! Tests drive it in process: [`ApiServer::apply`] and [`ApiServer::delete`] change objects,
 //! [`ApiServer::compact`] forgets history, [`ApiServer::drop_watches`] cuts every watch,
 //! [`ApiServer::stop`] and [`ApiServer::restart`] take it away and bring it back on the same
-//! port. It listens on 127.0.0.1 only, optionally inside a network namespace the test created.
+//! port. [`ApiServer::inject`] breaks what it sends ([`Fault`]: truncated, corrupt, endless or
+//! silent watches, truncated or stalled lists, objects of the wrong kind) and
+//! [`ApiServer::flood`] writes changes as fast as it can. It listens on 127.0.0.1 only,
+//! optionally inside a network namespace the test created.
+
+mod fault;
+
+pub use fault::{Fault, Flood};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -21,7 +30,6 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -61,13 +69,22 @@ impl Kind {
     }
 }
 
+/// An object as stored and sent: its metadata (for selectors and faults) and its JSON text,
+/// shared by the store, the history and every watch that sends it, so a large object costs
+/// its text once.
+#[derive(Debug, Clone)]
+struct Stored {
+    meta: Arc<Value>,
+    json: Arc<str>,
+}
+
 /// One change, as a watch sends it.
 #[derive(Debug, Clone)]
 struct Event {
     rv: u64,
     kind: Kind,
     kind_of_change: &'static str,
-    object: Value,
+    object: Stored,
     /// Sent as a line no client can decode (see [`ApiServer::delete_garbled`]).
     garbled: bool,
 }
@@ -78,27 +95,97 @@ type Key = (Kind, String, String);
 #[derive(Debug, Default)]
 struct Store {
     rv: u64,
-    objects: BTreeMap<Key, Value>,
+    objects: BTreeMap<Key, Stored>,
     /// Every change since `compacted`.
     log: Vec<Event>,
     /// Watches from a resourceVersion older than this get 410 Gone.
     compacted: u64,
     requests: Vec<String>,
+    /// Faults turned on.
+    faults: Vec<Fault>,
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     store: Mutex<Store>,
     events: broadcast::Sender<Event>,
     /// Bumped to end every open watch.
     cut: watch::Sender<u64>,
     token: Option<String>,
     bookmark_every: Duration,
+    history: usize,
 }
 
 impl Shared {
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`ApiServer::apply`].
+    pub(crate) fn apply(&self, mut object: Value) -> u64 {
+        let kind = object["kind"]
+            .as_str()
+            .and_then(Kind::of)
+            .unwrap_or_else(|| panic!("the test API server does not serve {}", object["kind"]));
+        let key = key_of(kind, &object);
+        let mut store = self.store();
+        store.rv += 1;
+        let rv = store.rv;
+        object["apiVersion"] = json!(kind.api_version());
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let stored = Stored {
+            meta: Arc::new(object["metadata"].clone()),
+            json: object.to_string().into(),
+        };
+        drop(object);
+        let kind_of_change = if store.objects.insert(key, stored.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record_event(&mut store, kind, kind_of_change, stored, false);
+        rv
+    }
+
+    fn record_event(
+        &self,
+        store: &mut Store,
+        kind: Kind,
+        kind_of_change: &'static str,
+        object: Stored,
+        garbled: bool,
+    ) {
+        let event = Event {
+            rv: store.rv,
+            kind,
+            kind_of_change,
+            object,
+            garbled,
+        };
+        store.log.push(event.clone());
+        // Forget the oldest tenth at once when the history is full (a watch from before it
+        // gets 410 Gone), so trimming costs little per change.
+        if store.log.len() > self.history {
+            let drop = store.log.len() - self.history + self.history / 10;
+            let drop = drop.min(store.log.len());
+            store.compacted = store.log[drop - 1].rv;
+            store.log.drain(..drop);
+        }
+        let _ = self.events.send(event);
+    }
+
+    fn faulty(&self, fault: Fault) -> bool {
+        self.store().faults.contains(&fault)
+    }
+
+    /// Takes the one-shot fault waiting for the next watch event of `kind`, if any.
+    fn take_one_shot(&self, kind: Kind) -> Option<Fault> {
+        let mut store = self.store();
+        let i = store
+            .faults
+            .iter()
+            .position(|f| f.one_shot() && f.kind() == kind)?;
+        Some(store.faults.remove(i))
     }
 }
 
@@ -113,6 +200,9 @@ pub struct Options {
     pub bookmark_every: Duration,
     /// Serve HTTPS with a certificate for 127.0.0.1 signed by a CA made for this server.
     pub tls: bool,
+    /// How many changes are kept for watches to resume from (older resourceVersions get 410
+    /// Gone), as the API server's watch cache keeps a bounded window.
+    pub history: usize,
 }
 
 impl Default for Options {
@@ -122,6 +212,7 @@ impl Default for Options {
             token: None,
             bookmark_every: Duration::from_secs(1),
             tls: false,
+            history: 100_000,
         }
     }
 }
@@ -146,6 +237,7 @@ impl ApiServer {
             cut: watch::channel(0).0,
             token: opts.token,
             bookmark_every: opts.bookmark_every,
+            history: opts.history.max(1),
         });
         let listener = bind(opts.netns.clone(), 0)?;
         let addr = listener.local_addr()?;
@@ -241,24 +333,19 @@ impl ApiServer {
 
     /// Creates or replaces an object (its `kind` field says which resource); returns its new
     /// resourceVersion. Panics on a kind this server does not serve (a test error).
-    pub fn apply(&self, mut object: Value) -> u64 {
-        let kind = object["kind"]
-            .as_str()
-            .and_then(Kind::of)
-            .unwrap_or_else(|| panic!("the test API server does not serve {}", object["kind"]));
-        let key = key_of(kind, &object);
-        let mut store = self.shared.store();
-        store.rv += 1;
-        let rv = store.rv;
-        object["apiVersion"] = json!(kind.api_version());
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let kind_of_change = if store.objects.insert(key, object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        self.record(&mut store, kind, kind_of_change, object);
-        rv
+    pub fn apply(&self, object: Value) -> u64 {
+        self.shared.apply(object)
+    }
+
+    /// The objects of `kind` as they are now, as a list would return them.
+    pub fn objects(&self, kind: Kind) -> Vec<Value> {
+        let store = self.shared.store();
+        store
+            .objects
+            .iter()
+            .filter(|((k, _, _), _)| *k == kind)
+            .filter_map(|(_, o)| serde_json::from_str(&o.json).ok())
+            .collect()
     }
 
     /// Deletes an object; `false` if it did not exist.
@@ -275,39 +362,22 @@ impl ApiServer {
 
     fn remove(&self, kind: Kind, namespace: &str, name: &str, garbled: bool) -> bool {
         let mut store = self.shared.store();
-        let Some(mut object) = store
+        let Some(old) = store
             .objects
             .remove(&(kind, namespace.to_owned(), name.to_owned()))
         else {
             return false;
         };
         store.rv += 1;
+        let mut object: Value = serde_json::from_str(&old.json).unwrap_or_default();
         object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
-        self.record_event(&mut store, kind, "DELETED", object, garbled);
-        true
-    }
-
-    fn record(&self, store: &mut Store, kind: Kind, kind_of_change: &'static str, object: Value) {
-        self.record_event(store, kind, kind_of_change, object, false);
-    }
-
-    fn record_event(
-        &self,
-        store: &mut Store,
-        kind: Kind,
-        kind_of_change: &'static str,
-        object: Value,
-        garbled: bool,
-    ) {
-        let event = Event {
-            rv: store.rv,
-            kind,
-            kind_of_change,
-            object,
-            garbled,
+        let stored = Stored {
+            meta: Arc::new(object["metadata"].clone()),
+            json: object.to_string().into(),
         };
-        store.log.push(event.clone());
-        let _ = self.shared.events.send(event);
+        self.shared
+            .record_event(&mut store, kind, "DELETED", stored, garbled);
+        true
     }
 
     /// Forgets the history: a watch from any resourceVersion before now gets 410 Gone.
@@ -320,6 +390,40 @@ impl ApiServer {
     /// Ends every open watch (as a load balancer dropping connections would).
     pub fn drop_watches(&self) {
         self.shared.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Turns a fault on (see [`Fault`]; injecting one that is on already does nothing).
+    pub fn inject(&self, fault: Fault) {
+        let mut store = self.shared.store();
+        if !store.faults.contains(&fault) {
+            store.faults.push(fault);
+        }
+    }
+
+    /// Turns a fault off; `false` if it was not on (a one-shot fault already sent is off).
+    pub fn clear(&self, fault: Fault) -> bool {
+        let mut store = self.shared.store();
+        let before = store.faults.len();
+        store.faults.retain(|f| *f != fault);
+        store.faults.len() != before
+    }
+
+    /// Turns every fault off.
+    pub fn clear_faults(&self) {
+        self.shared.store().faults.clear();
+    }
+
+    /// The faults on now.
+    pub fn faults(&self) -> Vec<Fault> {
+        self.shared.store().faults.clone()
+    }
+
+    /// Writes `objects` (as [`apply`](Self::apply) does) one after the other, round and
+    /// round, as fast as one thread can, until the returned [`Flood`] is stopped (or dropped).
+    /// Watches that fall more than a few thousand events behind are ended, as the API server
+    /// ends a watcher that cannot keep up; they resume from their last resourceVersion.
+    pub fn flood(&self, objects: Vec<Value>) -> Flood {
+        Flood::start(self.shared.clone(), objects)
     }
 
     /// Stops serving: open watches end and new connections are refused. Objects are kept.
@@ -483,8 +587,12 @@ impl Filter {
         f
     }
 
+    #[cfg(test)]
     fn matches(&self, object: &Value) -> bool {
-        let meta = &object["metadata"];
+        self.matches_meta(&object["metadata"])
+    }
+
+    fn matches_meta(&self, meta: &Value) -> bool {
         let label = |k: &str| meta["labels"][k].as_str();
         self.namespace
             .as_deref()
@@ -516,6 +624,14 @@ fn reply(code: StatusCode, body: Value) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+fn reply_text(code: StatusCode, body: Body) -> Response {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn handle(
@@ -564,33 +680,121 @@ async fn handle(
             .map(Duration::from_secs);
         return stream(shared, t.kind, filter, from, bookmarks, timeout);
     }
-    let store = shared.store();
     if let Some(name) = &t.name {
+        let store = shared.store();
         let key = (t.kind, String::new(), name.clone());
         return match store.objects.get(&key) {
-            Some(o) => reply(StatusCode::OK, o.clone()),
+            Some(o) => reply_text(StatusCode::OK, Body::from(o.json.to_string())),
             None => reply(
                 StatusCode::NOT_FOUND,
                 status(404, "NotFound", &format!("nodes \"{name}\" not found")),
             ),
         };
     }
-    let items: Vec<&Value> = store
+    list(&shared, t.kind, &filter, &q)
+}
+
+/// A list, or one page of it (`limit`, `continue`), with the list faults applied.
+fn list(shared: &Shared, kind: Kind, filter: &Filter, q: &HashMap<String, String>) -> Response {
+    use std::ops::Bound;
+    let store = shared.store();
+    let limit = q
+        .get("limit")
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(usize::MAX);
+    // A continued list is served at the first page's resourceVersion (the objects themselves
+    // are the current ones: this server keeps no old versions; a client watching from that
+    // resourceVersion replays whatever changed meanwhile).
+    let (rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
+        None => (store.rv, None),
+        Some(c) => match parse_continue(c) {
+            None => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    status(400, "BadRequest", "invalid continue token"),
+                );
+            }
+            Some((rv, _)) if rv < store.compacted => {
+                return reply(
+                    StatusCode::GONE,
+                    status(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                    ),
+                );
+            }
+            Some((rv, key)) => (rv, Some(key)),
+        },
+    };
+    let start = match after {
+        Some((ns, name)) => Bound::Excluded((kind, ns, name)),
+        None => Bound::Included((kind, String::new(), String::new())),
+    };
+    let mut matching = store
         .objects
-        .iter()
-        .filter(|((k, _, _), o)| *k == t.kind && filter.matches(o))
-        .map(|(_, o)| o)
-        .collect();
-    reply(
+        .range((start, Bound::Unbounded))
+        .take_while(|((k, _, _), _)| *k == kind)
+        .filter(|(_, o)| filter.matches_meta(&o.meta));
+    let page: Vec<(&Key, &Stored)> = matching.by_ref().take(limit).collect();
+    let more = matching.next().is_some();
+    let mut meta = json!({"resourceVersion": rv.to_string()});
+    if let (true, Some(((_, ns, name), _))) = (more, page.last()) {
+        meta["continue"] = json!(format!("{rv}|{ns}|{name}"));
+    }
+    let wrong_kind = store.faults.contains(&Fault::WrongKind(kind));
+    let truncate = !more && store.faults.contains(&Fault::TruncateLists(kind));
+    let stall = !more && store.faults.contains(&Fault::StallLists(kind));
+    let (list_kind, api_version) = if wrong_kind {
+        ("ConfigMapList".to_owned(), "v1")
+    } else {
+        (format!("{}List", kind.name()), kind.api_version())
+    };
+    let size: usize = page.iter().map(|(_, o)| o.json.len() + 1).sum();
+    let mut body = String::with_capacity(size + 256);
+    body.push_str(&format!(
+        r#"{{"kind":"{list_kind}","apiVersion":"{api_version}","metadata":{meta},"items":["#
+    ));
+    for (i, (_, o)) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        if wrong_kind {
+            body.push_str(&fault::config_map(&o.meta, false).to_string());
+        } else {
+            body.push_str(&o.json);
+        }
+    }
+    body.push_str("]}");
+    drop(store);
+    let body = Bytes::from(body);
+    let half = body.slice(..body.len() / 2);
+    if stall {
+        use futures_util::StreamExt;
+        let first = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) });
+        return reply_text(
+            StatusCode::OK,
+            Body::from_stream(first.chain(futures_util::stream::pending())),
+        );
+    }
+    reply_text(
         StatusCode::OK,
-        json!({
-            "kind": format!("{}List", t.kind.name()),
-            "apiVersion": t.kind.api_version(),
-            "metadata": {"resourceVersion": store.rv.to_string()},
-            "items": items,
-        }),
+        Body::from(if truncate { half } else { body }),
     )
 }
+
+/// `RV|namespace|name`: the first page's resourceVersion and the last key sent.
+fn parse_continue(token: &str) -> Option<(u64, (String, String))> {
+    let mut parts = token.splitn(3, '|');
+    let rv = parts.next()?.parse().ok()?;
+    let ns = parts.next()?.to_owned();
+    let name = parts.next()?.to_owned();
+    Some((rv, (ns, name)))
+}
+
+/// What a watch's connection carries: data, or an error that cuts the connection there.
+type Chunk = Result<Bytes, std::io::Error>;
 
 /// A watch: the history after `from`, then live events, until the timeout or a cut.
 fn stream(
@@ -601,10 +805,9 @@ fn stream(
     bookmarks: bool,
     timeout: Option<Duration>,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let line = |v: Value| Bytes::from(format!("{v}\n"));
-    let mut live = shared.events.subscribe();
-    let mut cut = shared.cut.subscribe();
+    let (tx, rx) = mpsc::channel::<Chunk>(256);
+    let live = shared.events.subscribe();
+    let cut = shared.cut.subscribe();
     let backlog: Result<Vec<Event>, u64> = {
         let store = shared.store();
         if from < store.compacted {
@@ -613,82 +816,168 @@ fn stream(
             Ok(store.log.iter().filter(|e| e.rv > from).cloned().collect())
         }
     };
-    tokio::spawn(async move {
-        let event = |e: &Event| {
-            if e.garbled {
-                Bytes::from(format!(
-                    "{{\"type\":\"{}\",\"object\":{{garbled}}\n",
-                    e.kind_of_change
-                ))
-            } else {
-                line(json!({"type": e.kind_of_change, "object": e.object}))
-            }
-        };
-        let backlog = match backlog {
-            Ok(b) => b,
-            Err(oldest) => {
-                let gone = status(
-                    410,
-                    "Expired",
-                    &format!("too old resource version: {from} ({oldest})"),
-                );
-                let _ = tx
-                    .send(line(json!({"type": "ERROR", "object": gone})))
-                    .await;
-                return;
-            }
-        };
+    let w = Watch {
+        shared,
+        kind,
+        filter,
+        tx,
+        stuck: false,
+    };
+    tokio::spawn(w.run(from, backlog, live, cut, bookmarks, timeout));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    reply_text(StatusCode::OK, Body::from_stream(body))
+}
+
+/// One open watch.
+struct Watch {
+    shared: Arc<Shared>,
+    kind: Kind,
+    filter: Filter,
+    tx: mpsc::Sender<Chunk>,
+    /// A [`Fault::SilentWatch`] reached it: it sends nothing ever again.
+    stuck: bool,
+}
+
+impl Watch {
+    async fn run(
+        mut self,
+        from: u64,
+        backlog: Result<Vec<Event>, u64>,
+        mut live: broadcast::Receiver<Event>,
+        mut cut: watch::Receiver<u64>,
+        bookmarks: bool,
+        timeout: Option<Duration>,
+    ) {
         let mut last = from;
-        for e in backlog
-            .iter()
-            .filter(|e| e.kind == kind && filter.matches(&e.object))
-        {
-            if tx.send(event(e)).await.is_err() {
-                return;
+        if !self.silent() {
+            let backlog = match backlog {
+                Ok(b) => b,
+                Err(oldest) => {
+                    let gone = status(
+                        410,
+                        "Expired",
+                        &format!("too old resource version: {from} ({oldest})"),
+                    );
+                    let _ = self
+                        .send(line(json!({"type": "ERROR", "object": gone})))
+                        .await;
+                    return;
+                }
+            };
+            for e in &backlog {
+                if self.wanted(e) && !self.event(e).await {
+                    return;
+                }
             }
-        }
-        if let Some(e) = backlog.last() {
-            last = e.rv;
+            if let Some(e) = backlog.last() {
+                last = e.rv;
+            }
         }
         let deadline = tokio::time::sleep(timeout.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(deadline);
-        let mut tick = tokio::time::interval(shared.bookmark_every);
+        let mut tick = tokio::time::interval(self.shared.bookmark_every);
         tick.tick().await;
         loop {
             tokio::select! {
                 got = live.recv() => match got {
                     Ok(e) if e.rv > last => {
                         last = e.rv;
-                        if e.kind == kind && filter.matches(&e.object) && tx.send(event(&e)).await.is_err() {
+                        if self.wanted(&e) && !self.event(&e).await {
                             return;
                         }
                     }
                     Ok(_) => {}
+                    // A stuck watch reads nothing anyway.
+                    Err(broadcast::error::RecvError::Lagged(_)) if self.stuck => {}
                     // Fell behind or the server is gone: end the watch; the client resumes.
                     Err(_) => return,
                 },
                 _ = tick.tick(), if bookmarks => {
-                    let rv = shared.store().rv;
+                    if self.silent() {
+                        continue;
+                    }
+                    let rv = self.shared.store().rv;
                     let mark = json!({"type": "BOOKMARK", "object": {
-                        "kind": kind.name(), "apiVersion": kind.api_version(),
+                        "kind": self.kind.name(), "apiVersion": self.kind.api_version(),
                         "metadata": {"resourceVersion": rv.to_string()},
                     }});
-                    if tx.send(line(mark)).await.is_err() {
+                    if !self.send(line(mark)).await {
                         return;
                     }
                 }
-                _ = &mut deadline => return,
+                // A stuck server does not end its watches on time either.
+                _ = &mut deadline, if !self.stuck => return,
                 _ = cut.changed() => return,
+                _ = self.tx.closed() => return,
             }
         }
-    });
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(Body::from_stream(body))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    }
+
+    fn wanted(&self, e: &Event) -> bool {
+        e.kind == self.kind && self.filter.matches_meta(&e.object.meta)
+    }
+
+    /// Whether this watch sends nothing any more.
+    fn silent(&mut self) -> bool {
+        if !self.stuck && self.shared.faulty(Fault::SilentWatch(self.kind)) {
+            self.stuck = true;
+        }
+        self.stuck
+    }
+
+    async fn send(&self, b: Bytes) -> bool {
+        self.tx.send(Ok(b)).await.is_ok()
+    }
+
+    /// Sends one event, as the faults on now have it; `false` once the watch is over.
+    async fn event(&mut self, e: &Event) -> bool {
+        if self.silent() {
+            return true;
+        }
+        let text = if e.garbled {
+            Bytes::from(format!(
+                "{{\"type\":\"{}\",\"object\":{{garbled}}\n",
+                e.kind_of_change
+            ))
+        } else if self.shared.faulty(Fault::WrongKind(self.kind)) {
+            let cm = fault::config_map(&e.object.meta, true);
+            line(json!({"type": e.kind_of_change, "object": cm}))
+        } else {
+            Bytes::from(format!(
+                "{{\"type\":\"{}\",\"object\":{}}}\n",
+                e.kind_of_change, e.object.json
+            ))
+        };
+        let half = text.slice(..text.len() / 2);
+        match self.shared.take_one_shot(self.kind) {
+            Some(Fault::TruncateWatchEvent(_)) => {
+                let _ = self.send(half).await;
+                let cut = std::io::Error::other("connection cut in the middle of an event");
+                let _ = self.tx.send(Err(cut)).await;
+                false
+            }
+            Some(Fault::CorruptWatchEvent(_)) => {
+                let mut corrupt = half.to_vec();
+                corrupt.push(b'\n');
+                self.send(corrupt.into()).await
+            }
+            Some(Fault::GarbageLine(_)) => {
+                self.send(Bytes::from_static(fault::GARBAGE_LINE)).await && self.send(text).await
+            }
+            Some(Fault::EndlessLine(_)) => {
+                let chunk = Bytes::from(vec![b'x'; fault::ENDLESS_CHUNK]);
+                while self.send(chunk.clone()).await {}
+                false
+            }
+            _ => self.send(text).await,
+        }
+    }
+}
+
+fn line(v: Value) -> Bytes {
+    Bytes::from(format!("{v}\n"))
 }
 
 #[cfg(test)]

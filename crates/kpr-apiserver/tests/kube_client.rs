@@ -235,3 +235,50 @@ async fn a_watch_replays_history_and_ends_at_its_timeout() {
         "history starts after the resourceVersion: {body}"
     );
 }
+
+/// Lists in pages, as kube-rs asks (`limit`, `continue`): every page carries the first
+/// page's resourceVersion, the pages together hold every object once, and a continue token
+/// from before a compaction gets 410 Gone, as the API server's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_come_in_pages() {
+    let server = ApiServer::start(Options::default()).await.unwrap();
+    for i in 0..5 {
+        server.apply(svc(
+            &format!("s{i}"),
+            &format!("172.30.0.{}", i + 1),
+            json!({}),
+        ));
+    }
+    let api: Api<Service> = Api::all(client(&server));
+    let mut lp = kube::api::ListParams::default().limit(2);
+    let mut names = Vec::new();
+    let mut versions = Vec::new();
+    let mut tokens = Vec::new();
+    loop {
+        let page = api.list(&lp).await.unwrap();
+        assert!(page.items.len() <= 2);
+        names.extend(page.items.iter().filter_map(|s| s.metadata.name.clone()));
+        versions.push(page.metadata.resource_version.clone());
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(c) => {
+                tokens.push(c.clone());
+                lp = lp.continue_token(&c);
+            }
+            None => break,
+        }
+        // A change between pages does not move the list's resourceVersion.
+        server.apply(svc("later", "172.30.0.9", json!({})));
+    }
+    // `later` sorts before the page it was created during: this list does not see it.
+    assert_eq!(names, ["s0", "s1", "s2", "s3", "s4"]);
+    assert_eq!(versions.len(), 3);
+    assert!(versions.iter().all(|v| *v == versions[0]), "{versions:?}");
+    server.compact();
+    let expired = kube::api::ListParams::default()
+        .limit(2)
+        .continue_token(&tokens[0]);
+    match api.list(&expired).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 410, "{s:?}"),
+        other => panic!("expected 410 Gone, got {other:?}"),
+    }
+}

@@ -1,12 +1,21 @@
 //! The model's lean objects as kube-rs resources: [`Watched`] pairs one with the little
 //! metadata kube-rs's watcher reads (name, namespace, resourceVersion), and says where the
 //! API serves its kind. Decoding it never fails on an object's shape (see
-//! `kpr_model::objects`), so a list or watch event always decodes.
+//! `kpr_model::objects`), so a list or watch event always decodes, with one exception: an
+//! object whose `kind` names another kind (a ConfigMap in the EndpointSlice stream) is refused,
+//! so the watch fails and the source relists, where reading it as an empty EndpointSlice of
+//! that name would replace a real one (client-go's reflector refuses it too).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta as KubeMeta;
+use kpr_model::objects::lenient::Lenient;
 use kpr_model::objects::{ApiObject, EndpointSlice, Node, Service};
+use serde::de::{
+    self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Visitor,
+};
 use serde::{Deserialize, Deserializer};
 use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
 
 /// Where the API serves a kind: group (empty for the core group), version, plural.
 pub(crate) trait Served: ApiObject {
@@ -33,6 +42,13 @@ impl Served for Node {
     const PLURAL: &'static str = "nodes";
 }
 
+/// Each watched resource's plural and kind.
+pub(crate) const RESOURCES: [(&str, &str); 3] = [
+    (Service::PLURAL, Service::KIND),
+    (EndpointSlice::PLURAL, EndpointSlice::KIND),
+    (Node::PLURAL, Node::KIND),
+];
+
 /// A lean object with the metadata kube-rs needs.
 #[derive(Debug, Clone)]
 pub(crate) struct Watched<T> {
@@ -40,9 +56,9 @@ pub(crate) struct Watched<T> {
     meta: KubeMeta,
 }
 
-impl<'de, T: ApiObject + Deserialize<'de>> Deserialize<'de> for Watched<T> {
+impl<'de, T: ApiObject + Lenient + Default> Deserialize<'de> for Watched<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let object = T::deserialize(d)?;
+        let object = d.deserialize_any(OfKind::<T>(PhantomData))?;
         let m = object.metadata();
         let meta = KubeMeta {
             name: m.name.clone(),
@@ -75,6 +91,98 @@ impl<T: Served> kube::Resource for Watched<T> {
     }
     fn meta_mut(&mut self) -> &mut KubeMeta {
         &mut self.meta
+    }
+}
+
+/// Reads a `T` as `T::deserialize` does (anything that is not an object reads as an empty
+/// one), except that an object whose `kind` is a string naming another kind is an error.
+struct OfKind<T>(PhantomData<T>);
+
+macro_rules! empty_on {
+    ($($visit:ident($t:ty)),* $(,)?) => {
+        $( fn $visit<E: de::Error>(self, _: $t) -> Result<T, E> { Ok(T::default()) } )*
+    };
+}
+
+impl<'de, T: ApiObject + Lenient + Default> Visitor<'de> for OfKind<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a {}", T::KIND)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        let checked = KindChecked {
+            map,
+            kind: PhantomData::<T>,
+        };
+        Ok(T::from_map(checked)?.unwrap_or_default())
+    }
+    empty_on!(
+        visit_bool(bool),
+        visit_i64(i64),
+        visit_u64(u64),
+        visit_f64(f64),
+        visit_str(&str),
+        visit_bytes(&[u8]),
+    );
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Ok(T::default())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(T::default())
+    }
+}
+
+/// An object's entries without its `kind`, which is checked against `T`'s on the way.
+struct KindChecked<A, T> {
+    map: A,
+    kind: PhantomData<T>,
+}
+
+impl<'de, A: MapAccess<'de>, T: ApiObject> MapAccess<'de> for KindChecked<A, T> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        loop {
+            let Some(key) = self.map.next_key::<String>()? else {
+                return Ok(None);
+            };
+            if key != "kind" {
+                return seed.deserialize(key.into_deserializer()).map(Some);
+            }
+            if let Some(kind) = self.map.next_value_seed(KindSeed)?
+                && kind != T::KIND
+            {
+                return Err(de::Error::custom(format!(
+                    "a {kind} where a {} belongs",
+                    T::KIND
+                )));
+            }
+        }
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+}
+
+/// A `kind` value: a string, or `None` for anything else.
+struct KindSeed;
+
+impl<'de> DeserializeSeed<'de> for KindSeed {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        <String as Lenient>::read(d)
     }
 }
 
@@ -111,5 +219,40 @@ mod tests {
         assert!(
             matches!(e, WatchEvent::Modified(w) if w.meta.resource_version.as_deref() == Some("43"))
         );
+    }
+
+    /// Issue 15: an object whose `kind` names another kind is refused (in a watch event and in
+    /// a list), where reading it leniently would give an empty object of ours of that name; a
+    /// `kind` that is absent (list items), ours, or not a string is no objection, and anything
+    /// that is not an object still reads as an empty one.
+    #[test]
+    fn an_object_of_another_kind_is_refused() {
+        let event = r#"{"type":"MODIFIED","object":{"kind":"ConfigMap","apiVersion":"v1",
+            "metadata":{"name":"web-1","namespace":"ns","resourceVersion":"7"},"data":{}}}"#;
+        let err = serde_json::from_str::<WatchEvent<Watched<EndpointSlice>>>(event).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a ConfigMap where a EndpointSlice belongs"),
+            "{err}"
+        );
+        assert!(!err.is_eof(), "not an error kube-rs would skip");
+        let list = r#"{"kind":"EndpointSliceList","metadata":{"resourceVersion":"7"},
+            "items":[{"metadata":{"name":"a"}},{"kind":"Pod","metadata":{"name":"b"}}]}"#;
+        assert!(serde_json::from_str::<ObjectList<Watched<EndpointSlice>>>(list).is_err());
+        for ok in [
+            r#"{"metadata":{"name":"a","resourceVersion":"1"},"addressType":"IPv4"}"#,
+            r#"{"kind":"EndpointSlice","metadata":{"name":"a","resourceVersion":"1"},"addressType":"IPv4"}"#,
+            r#"{"addressType":"IPv4","kind":null,"metadata":{"name":"a","resourceVersion":"1"}}"#,
+            r#"{"kind":{"x":1},"metadata":{"name":"a","resourceVersion":"1"},"addressType":"IPv4"}"#,
+        ] {
+            let w: Watched<EndpointSlice> = serde_json::from_str(ok).unwrap();
+            assert_eq!(w.object.metadata.name.as_deref(), Some("a"), "{ok}");
+            assert_eq!(w.object.address_type, "IPv4", "{ok}");
+            assert_eq!(w.meta.resource_version.as_deref(), Some("1"), "{ok}");
+        }
+        for odd in ["null", "3", "\"x\"", "[1,{}]", "true"] {
+            let w: Watched<Service> = serde_json::from_str(odd).unwrap();
+            assert_eq!(w.object, Service::default(), "{odd}");
+        }
     }
 }

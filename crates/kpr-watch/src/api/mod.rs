@@ -4,15 +4,19 @@
 //!
 //! Objects are decoded into the model's lean types (`kpr_model::objects`), which never fail on
 //! an object's shape, so one odd object cannot fail a list or a watch (`lean`). The watch loop
-//! (`watch`) relists after any error, so no event is ever lost; `observe` reports requests and
-//! outages to the metrics.
+//! (`watch`) relists after any error, so no event is ever lost; `guard` turns what kube-rs
+//! would skip silently or wait for forever (a truncated event, an endless line, a silent
+//! watch, a list of another kind) into errors; `observe` reports requests and outages to the
+//! metrics.
 
+mod guard;
 mod lean;
 pub mod observe;
 mod watch;
 
+pub use guard::{MAX_EVENT_BYTES, WATCH_SILENCE_GRACE};
 pub use observe::{NoObserver, Observer};
-pub use watch::{BACKOFF_MAX, BACKOFF_MIN, run};
+pub use watch::{BACKOFF_MAX, BACKOFF_MIN, Settings, run, run_with};
 
 use kube::Client;
 use std::path::PathBuf;
@@ -85,10 +89,20 @@ pub async fn config(c: &Connect) -> Result<kube::Config, ConnectError> {
     Ok(cfg)
 }
 
+/// Any response that stops coming for this long has failed (a request whose answer never
+/// starts, or stops half-way): longer than any healthy watch stays silent (its timeout, 290 s,
+/// and bookmarks come every minute), so only a stuck server or connection reaches it.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(330);
+
 /// A client from [`config`], reporting every request it makes to `observer` (upstream's
-/// `rest_client_*` metrics).
+/// `rest_client_*` metrics), with [`READ_TIMEOUT`], its responses checked by `guard`.
 pub async fn client(c: &Connect, observer: Arc<dyn Observer>) -> Result<Client, ConnectError> {
-    let cfg = config(c).await?;
+    let mut cfg = config(c).await?;
+    if cfg.read_timeout.is_none() {
+        cfg.read_timeout = Some(READ_TIMEOUT);
+        // The timeout counts from the request, not from when its pooled connection went idle.
+        cfg.reset_reader_on_write = true;
+    }
     let host = cfg
         .cluster_url
         .authority()
@@ -96,6 +110,7 @@ pub async fn client(c: &Connect, observer: Arc<dyn Observer>) -> Result<Client, 
         .unwrap_or_default();
     let builder = kube::client::ClientBuilder::try_from(cfg).map_err(ConnectError::Client)?;
     Ok(builder
+        .with_layer(&guard::GuardLayer::new(&lean::RESOURCES))
         .with_layer(&observe::RequestLayer::new(observer, &host))
         .build())
 }

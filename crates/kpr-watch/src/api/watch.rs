@@ -8,6 +8,13 @@
 //! stale object behind. Meanwhile nothing is sent, so the rules in the kernel stay as they are.
 //! Each outage is logged once when it starts and once when it ends, and reported to the
 //! [`Observer`].
+//!
+//! Nothing waits forever ([`Settings`]): a list page that takes longer than `list_timeout` has
+//! failed; a watch asks the API server to end it after `watch_timeout` (then kube-rs resumes
+//! it from its resourceVersion, no relist) and fails if it has sent nothing for that long
+//! plus [`super::WATCH_SILENCE_GRACE`] (a stuck server or connection; `guard`); any other
+//! request whose answer stops for [`super::READ_TIMEOUT`] fails. Meanwhile the last good state
+//! stays.
 
 use super::SELECTOR;
 use super::lean::{Served, Watched};
@@ -30,32 +37,82 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A watch that stayed up this long starts its next backoff from the minimum again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 
+/// How long the source waits for the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Each watch's `timeoutSeconds` (whole seconds, at least 1): the API server ends the
+    /// watch then and kube-rs resumes it from its resourceVersion. A watch that has sent
+    /// nothing, not even a bookmark, for this plus [`super::WATCH_SILENCE_GRACE`] fails.
+    /// Keep it under [`super::READ_TIMEOUT`].
+    pub watch_timeout: Duration,
+    /// The longest one page of a list may take (the API server gives up on a request after
+    /// 60 s itself).
+    pub list_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            // kube-rs's default; client-go picks 5 to 10 minutes.
+            watch_timeout: Duration::from_secs(290),
+            list_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
 /// Watches Services, EndpointSlices and the Node named `node_name`, sending `Input`s until
-/// `shutdown` turns true (or the receiver is gone).
+/// `shutdown` turns true (or the receiver is gone), with the default [`Settings`].
 pub async fn run(
+    client: Client,
+    node_name: String,
+    tx: mpsc::Sender<Input>,
+    shutdown: watch::Receiver<bool>,
+    observer: Arc<dyn Observer>,
+) {
+    run_with(
+        client,
+        node_name,
+        tx,
+        shutdown,
+        observer,
+        Settings::default(),
+    )
+    .await;
+}
+
+/// [`run`] with other [`Settings`].
+pub async fn run_with(
     client: Client,
     node_name: String,
     tx: mpsc::Sender<Input>,
     mut shutdown: watch::Receiver<bool>,
     observer: Arc<dyn Observer>,
+    settings: Settings,
 ) {
+    let secs = u32::try_from(settings.watch_timeout.as_secs())
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let base = watcher::Config::default().timeout(secs);
     let services = watch_kind::<Service>(
         Api::all(client.clone()),
-        watcher::Config::default().labels(SELECTOR),
+        base.clone().labels(SELECTOR),
+        settings,
         tx.clone(),
         observer.clone(),
         |u| Some(Input::Services(u)),
     );
     let slices = watch_kind::<EndpointSlice>(
         Api::all(client.clone()),
-        watcher::Config::default().labels(SELECTOR),
+        base.clone().labels(SELECTOR),
+        settings,
         tx.clone(),
         observer.clone(),
         |u| Some(Input::Slices(u)),
     );
     let node = watch_kind::<Node>(
         Api::all(client),
-        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        base.fields(&format!("metadata.name={node_name}")),
+        settings,
         tx,
         observer,
         |u| match u {
@@ -83,11 +140,13 @@ fn key_of<T: kpr_model::objects::ApiObject>(obj: &T) -> ObjectKey {
 async fn watch_kind<T>(
     api: Api<Watched<T>>,
     cfg: watcher::Config,
+    settings: Settings,
     tx: mpsc::Sender<Input>,
     observer: Arc<dyn Observer>,
     to: impl Fn(Update<T>) -> Option<Input>,
 ) where
-    T: Served + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    T: Served + Clone + Debug + Send + Sync + 'static,
+    Watched<T>: DeserializeOwned,
 {
     let resource = T::PLURAL;
     let mut delay = BACKOFF_MIN;
@@ -97,7 +156,21 @@ async fn watch_kind<T>(
         let mut listing: Option<Vec<ObjectKey>> = None;
         let mut up_since: Option<Instant> = None;
         let error = loop {
-            let update = match stream.next().await {
+            // While listing, each step may wait for a page from the API server.
+            let next = if listing.is_some() {
+                match tokio::time::timeout(settings.list_timeout, stream.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        break format!(
+                            "a page of the list took longer than {} s",
+                            settings.list_timeout.as_secs_f32()
+                        );
+                    }
+                }
+            } else {
+                stream.next().await
+            };
+            let update = match next {
                 None => break "the watch stream ended".to_owned(),
                 Some(Err(e)) => break e.to_string(),
                 Some(Ok(Event::Init)) => {
