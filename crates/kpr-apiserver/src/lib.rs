@@ -41,6 +41,9 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    /// `networking.k8s.io` ServiceCIDR, served at the versions [`Options::service_cidr_versions`]
+    /// names.
+    ServiceCidr,
 }
 
 impl Kind {
@@ -49,6 +52,7 @@ impl Kind {
             "Service" => Some(Kind::Service),
             "EndpointSlice" => Some(Kind::EndpointSlice),
             "Node" => Some(Kind::Node),
+            "ServiceCIDR" => Some(Kind::ServiceCidr),
             _ => None,
         }
     }
@@ -58,12 +62,14 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::ServiceCidr => "networking.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -114,6 +120,7 @@ pub(crate) struct Shared {
     token: Option<String>,
     bookmark_every: Duration,
     history: usize,
+    service_cidr_versions: Vec<String>,
 }
 
 impl Shared {
@@ -203,6 +210,9 @@ pub struct Options {
     /// How many changes are kept for watches to resume from (older resourceVersions get 410
     /// Gone), as the API server's watch cache keeps a bounded window.
     pub history: usize,
+    /// The `networking.k8s.io` versions ServiceCIDRs are served at (`v1` since Kubernetes
+    /// 1.33, `v1beta1` before; none on older servers).
+    pub service_cidr_versions: Vec<String>,
 }
 
 impl Default for Options {
@@ -213,6 +223,7 @@ impl Default for Options {
             bookmark_every: Duration::from_secs(1),
             tls: false,
             history: 100_000,
+            service_cidr_versions: vec!["v1".into()],
         }
     }
 }
@@ -238,6 +249,7 @@ impl ApiServer {
             token: opts.token,
             bookmark_every: opts.bookmark_every,
             history: opts.history.max(1),
+            service_cidr_versions: opts.service_cidr_versions.clone(),
         });
         let listener = bind(opts.netns.clone(), 0)?;
         let addr = listener.local_addr()?;
@@ -493,7 +505,7 @@ fn bind(netns: Option<String>, port: u16) -> std::io::Result<std::net::TcpListen
 fn key_of(kind: Kind, object: &Value) -> Key {
     let meta = &object["metadata"];
     let ns = match kind {
-        Kind::Node => String::new(),
+        Kind::Node | Kind::ServiceCidr => String::new(),
         _ => meta["namespace"].as_str().unwrap_or("default").to_owned(),
     };
     (
@@ -511,8 +523,24 @@ struct Target {
     name: Option<String>,
 }
 
-fn target(path: &str) -> Option<Target> {
+fn target(path: &str, service_cidr_versions: &[String]) -> Option<Target> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let [
+        "apis",
+        "networking.k8s.io",
+        version,
+        "servicecidrs",
+        rest @ ..,
+    ] = parts.as_slice()
+        && service_cidr_versions.iter().any(|v| v == version)
+        && rest.len() <= 1
+    {
+        return Some(Target {
+            kind: Kind::ServiceCidr,
+            namespace: None,
+            name: rest.first().map(|n| (*n).to_owned()),
+        });
+    }
     let (resource, namespace, name) = match parts.as_slice() {
         ["api", "v1", r] | ["apis", "discovery.k8s.io", "v1", r] => (*r, None, None),
         ["api", "v1", "namespaces", ns, r]
@@ -657,7 +685,7 @@ async fn handle(
             );
         }
     }
-    let Some(t) = target(uri.path()) else {
+    let Some(t) = target(uri.path(), &shared.service_cidr_versions) else {
         return reply(
             StatusCode::NOT_FOUND,
             status(
@@ -687,7 +715,11 @@ async fn handle(
             Some(o) => reply_text(StatusCode::OK, Body::from(o.json.to_string())),
             None => reply(
                 StatusCode::NOT_FOUND,
-                status(404, "NotFound", &format!("nodes \"{name}\" not found")),
+                status(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{name}\" not found", t.kind.name()),
+                ),
             ),
         };
     }
@@ -984,14 +1016,18 @@ fn line(v: Value) -> Bytes {
 mod tests {
     use super::*;
 
+    fn target_v1(path: &str) -> Option<Target> {
+        target(path, &["v1".to_owned()])
+    }
+
     #[test]
     fn paths_name_the_resource() {
         assert_eq!(
-            target("/api/v1/services").map(|t| t.kind),
+            target_v1("/api/v1/services").map(|t| t.kind),
             Some(Kind::Service)
         );
         assert_eq!(
-            target("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices"),
+            target_v1("/apis/discovery.k8s.io/v1/namespaces/ns/endpointslices"),
             Some(Target {
                 kind: Kind::EndpointSlice,
                 namespace: Some("ns".into()),
@@ -999,10 +1035,27 @@ mod tests {
             })
         );
         assert_eq!(
-            target("/api/v1/nodes/n1").and_then(|t| t.name),
+            target_v1("/api/v1/nodes/n1").and_then(|t| t.name),
             Some("n1".into())
         );
-        assert_eq!(target("/api/v1/pods"), None);
+        assert_eq!(target_v1("/api/v1/pods"), None);
+        assert_eq!(
+            target_v1("/apis/networking.k8s.io/v1/servicecidrs").map(|t| t.kind),
+            Some(Kind::ServiceCidr)
+        );
+        assert_eq!(
+            target_v1("/apis/networking.k8s.io/v1beta1/servicecidrs"),
+            None,
+            "a version not served is 404"
+        );
+        assert_eq!(
+            target(
+                "/apis/networking.k8s.io/v1beta1/servicecidrs/kubernetes",
+                &["v1beta1".into()]
+            )
+            .and_then(|t| t.name),
+            Some("kubernetes".into())
+        );
     }
 
     #[test]

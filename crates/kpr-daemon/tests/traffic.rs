@@ -1027,6 +1027,8 @@ fn api_server_source_end_to_end(mode: Mode) {
     c.pod("pod2", "10.0.0.12", None);
     let (rt, mut api) = c.api_server(kpr_apiserver::Options {
         token: Some("node-a-token".into()),
+        // An API server from before Kubernetes 1.33: ServiceCIDRs at v1beta1 only.
+        service_cidr_versions: vec!["v1beta1".into()],
         ..Default::default()
     });
     // Reached through a kubeconfig with a bearer token, as a node's kube-proxy is.
@@ -1076,6 +1078,17 @@ fn api_server_source_end_to_end(mode: Mode) {
         !matches!(c.lab.tcp(&client, "172.30.0.13", 80), Reply::Ok(_)),
         "a headless-labelled Service gets no rules"
     );
+
+    // A ServiceCIDR is created (§4.8): nftables mode drops its unallocated addresses from the
+    // next sync on; iptables mode has no such rule.
+    api.apply(obj(SERVICE_CIDR_YAML));
+    if mode == Mode::Nftables {
+        Lab::wait_for("the ServiceCIDR drop", Duration::from_secs(10), || {
+            c.nft("list chain ip kube-proxy-rs cluster-ips-check")
+                .contains("ip daddr 172.30.0.0/16 drop")
+        });
+        assert_eq!(c.lab.tcp(&client, "172.30.9.9", 80), Reply::Timeout);
+    }
 
     // Scale up: new connections reach both endpoints.
     api.apply(obj(&slice(

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 const SETTINGS: Settings = Settings {
     watch_timeout: Duration::from_secs(2),
     list_timeout: Duration::from_secs(2),
+    service_cidr_recheck: Duration::from_secs(300),
 };
 
 /// What the source reported of its watches: (resource, up).

@@ -7,7 +7,7 @@
 
 use kpr_apiserver::{ApiServer, Kind, Options};
 use kpr_model::{Input, Update};
-use kpr_testkit::{node, service, slice};
+use kpr_testkit::{node, service, service_cidr, slice};
 use kpr_watch::api::{self, Connect};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -105,14 +105,20 @@ fn describe(i: &Input) -> String {
     }
 }
 
+/// The next `want.len()` inputs, in any order. ServiceCIDR inputs (`C…`) are skipped unless
+/// some are wanted: every test's server serves ServiceCIDRs.
 async fn expect(rx: &mut mpsc::Receiver<Input>, want: &[&str]) {
+    let cidrs_too = want.iter().any(|w| w.starts_with('C'));
     let mut got = Vec::new();
     while got.len() < want.len() {
         let i = tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
             .unwrap_or_else(|_| panic!("timed out: got {got:?}, want {want:?}"))
             .unwrap();
-        got.push(describe(&i));
+        let d = describe(&i);
+        if cidrs_too || !d.starts_with('C') {
+            got.push(d);
+        }
     }
     got.sort();
     let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
@@ -149,7 +155,8 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
     let (tx, mut rx) = mpsc::channel(64);
     let (stop, shutdown) = watch::channel(false);
     let source = tokio::spawn(api::run(client, "node-a".into(), tx, shutdown, _seen));
-    expect(&mut rx, &["S+a", "S=a", "E+a-x", "E=a-x", "N=node-a"]).await;
+    // No ServiceCIDR yet: the end of an empty list.
+    expect(&mut rx, &["S+a", "S=a", "E+a-x", "E=a-x", "N=node-a", "C="]).await;
 
     server.apply(json(
         &service("ns", "b")
@@ -174,13 +181,76 @@ async fn the_api_source_follows_the_cluster_through_a_relist() {
     server.compact();
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.restart().await.unwrap();
-    expect(&mut rx, &["S+a", "S+c", "S=a,c", "E=", "N=node-a"]).await;
+    expect(&mut rx, &["S+a", "S+c", "S=a,c", "E=", "N=node-a", "C="]).await;
 
     let _ = stop.send(true);
     tokio::time::timeout(Duration::from_secs(5), source)
         .await
         .unwrap()
         .unwrap();
+}
+
+/// §4.8 / issue 15: ServiceCIDRs are read at `networking.k8s.io/v1`, else `v1beta1`; where
+/// neither is served the other kinds flow as ever and no ServiceCIDR input is sent (so nothing
+/// is dropped). They never hold up the first lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_cidrs_are_watched_at_the_version_the_api_server_serves() {
+    for versions in [vec!["v1"], vec!["v1beta1"], vec!["v1beta1", "v1"], vec![]] {
+        let server = ApiServer::start(Options {
+            service_cidr_versions: versions.iter().map(|v| (*v).to_owned()).collect(),
+            ..Options::default()
+        })
+        .await
+        .unwrap();
+        server.apply(json(
+            &service("ns", "a")
+                .cluster_ip("172.30.0.1")
+                .port("p", 80, "TCP")
+                .build(),
+        ));
+        server.apply(json(&service_cidr("kubernetes", &["172.30.0.0/16"])));
+        let (client, seen) = client_of(&server).await;
+        let (tx, mut rx) = mpsc::channel(64);
+        let (stop, shutdown) = watch::channel(false);
+        let source = tokio::spawn(api::run(
+            client,
+            "node-a".into(),
+            tx,
+            shutdown,
+            seen.clone(),
+        ));
+        if versions.is_empty() {
+            expect(&mut rx, &["S+a", "S=a", "E=", "N=-"]).await;
+            let more = tokio::time::timeout(Duration::from_millis(800), rx.recv()).await;
+            assert!(more.is_err(), "{versions:?}: nothing more, got {more:?}");
+        } else {
+            expect(
+                &mut rx,
+                &["S+a", "S=a", "E=", "N=-", "C+kubernetes", "C=kubernetes"],
+            )
+            .await;
+            server.apply(json(&service_cidr("extra", &["172.31.0.0/24"])));
+            expect(&mut rx, &["C+extra"]).await;
+            server.delete(Kind::ServiceCidr, "", "kubernetes");
+            expect(&mut rx, &["C-kubernetes"]).await;
+            let watched = format!(
+                "/apis/networking.k8s.io/{}/servicecidrs",
+                versions.last().unwrap()
+            );
+            let requests = server.requests();
+            assert!(
+                requests
+                    .iter()
+                    .any(|r| r.starts_with(&format!("GET {watched}?")) && r.contains("watch=true")),
+                "{versions:?}: watched at {watched}: {requests:?}"
+            );
+        }
+        let _ = stop.send(true);
+        tokio::time::timeout(Duration::from_secs(5), source)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }
 
 #[tokio::test]
@@ -278,7 +348,7 @@ async fn odd_objects_never_fail_a_list_or_a_watch() {
         watches.iter().all(|(_, up)| *up),
         "no watch failed: {watches:?}"
     );
-    assert_eq!(watches.len(), 3, "three watches came up: {watches:?}");
+    assert_eq!(watches.len(), 4, "four watches came up: {watches:?}");
     let requests = seen.requests.lock().unwrap().clone();
     assert!(
         requests.iter().any(|(m, c)| m == "GET" && *c == Some(200)),

@@ -8,7 +8,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta as KubeMeta;
 use kpr_model::objects::lenient::Lenient;
-use kpr_model::objects::{ApiObject, EndpointSlice, Node, Service};
+use kpr_model::objects::{ApiObject, EndpointSlice, Node, ObjectMeta, Service, ServiceCidr};
 use serde::de::{
     self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Visitor,
 };
@@ -42,11 +42,43 @@ impl Served for Node {
     const PLURAL: &'static str = "nodes";
 }
 
+impl Served for ServiceCidr {
+    const GROUP: &'static str = "networking.k8s.io";
+    const VERSION: &'static str = "v1";
+    const PLURAL: &'static str = "servicecidrs";
+}
+
+/// A kind served at its `v1beta1` version (ServiceCIDR before Kubernetes 1.33): the same
+/// fields, another URL.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Beta<T>(pub(crate) T);
+
+impl<T: ApiObject> ApiObject for Beta<T> {
+    const API_VERSION: &'static str = T::API_VERSION;
+    const KIND: &'static str = T::KIND;
+    fn metadata(&self) -> &ObjectMeta {
+        self.0.metadata()
+    }
+}
+
+impl<T: Lenient> Lenient for Beta<T> {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        Ok(T::from_map(map)?.map(Beta))
+    }
+}
+
+impl Served for Beta<ServiceCidr> {
+    const GROUP: &'static str = "networking.k8s.io";
+    const VERSION: &'static str = "v1beta1";
+    const PLURAL: &'static str = "servicecidrs";
+}
+
 /// Each watched resource's plural and kind.
-pub(crate) const RESOURCES: [(&str, &str); 3] = [
+pub(crate) const RESOURCES: [(&str, &str); 4] = [
     (Service::PLURAL, Service::KIND),
     (EndpointSlice::PLURAL, EndpointSlice::KIND),
     (Node::PLURAL, Node::KIND),
+    (ServiceCidr::PLURAL, ServiceCidr::KIND),
 ];
 
 /// A lean object with the metadata kube-rs needs.

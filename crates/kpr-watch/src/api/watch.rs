@@ -17,10 +17,10 @@
 //! stays.
 
 use super::SELECTOR;
-use super::lean::{Served, Watched};
+use super::lean::{Beta, Served, Watched};
 use super::observe::Observer;
 use futures_util::StreamExt;
-use kpr_model::objects::{EndpointSlice, Node, Service};
+use kpr_model::objects::{EndpointSlice, Node, Service, ServiceCidr};
 use kpr_model::{Input, ObjectKey, Update};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
@@ -48,6 +48,9 @@ pub struct Settings {
     /// The longest one page of a list may take (the API server gives up on a request after
     /// 60 s itself).
     pub list_timeout: Duration,
+    /// How often the source asks again whether ServiceCIDRs can be read, when they could not
+    /// (an API server upgraded under a running proxy, RBAC granted later).
+    pub service_cidr_recheck: Duration,
 }
 
 impl Default for Settings {
@@ -56,11 +59,13 @@ impl Default for Settings {
             // kube-rs's default; client-go picks 5 to 10 minutes.
             watch_timeout: Duration::from_secs(290),
             list_timeout: Duration::from_secs(120),
+            service_cidr_recheck: Duration::from_secs(300),
         }
     }
 }
 
-/// Watches Services, EndpointSlices and the Node named `node_name`, sending `Input`s until
+/// Watches Services, EndpointSlices, the Node named `node_name` and the ServiceCIDRs (where
+/// the API server serves them; they never hold up the first sync), sending `Input`s until
 /// `shutdown` turns true (or the receiver is gone), with the default [`Settings`].
 pub async fn run(
     client: Client,
@@ -109,6 +114,13 @@ pub async fn run_with(
         observer.clone(),
         |u| Some(Input::Slices(u)),
     );
+    let cidrs = watch_service_cidrs(
+        client.clone(),
+        base.clone(),
+        settings,
+        tx.clone(),
+        observer.clone(),
+    );
     let node = watch_kind::<Node>(
         Api::all(client),
         base.fields(&format!("metadata.name={node_name}")),
@@ -127,7 +139,91 @@ pub async fn run_with(
         _ = services => {}
         _ = slices => {}
         _ = node => {}
+        _ = cidrs => {}
         _ = shutdown.wait_for(|s| *s) => {}
+    }
+}
+
+/// Where ServiceCIDRs are read from: `networking.k8s.io/v1` (Kubernetes 1.33 and later), else
+/// `v1beta1`. `Ok(None)` when neither is served; `Err` with the API's code (403: not allowed)
+/// or 0 (no answer) and its message otherwise.
+async fn service_cidr_version(client: &Client) -> Result<Option<&'static str>, (u16, String)> {
+    let probe = kube::api::ListParams::default().limit(1);
+    let v1 = Api::<Watched<ServiceCidr>>::all(client.clone());
+    let beta = Api::<Watched<Beta<ServiceCidr>>>::all(client.clone());
+    let code = |e: kube::Error| match e {
+        kube::Error::Api(s) => (s.code, s.message),
+        other => (0, other.to_string()),
+    };
+    match v1.list(&probe).await.map_err(code) {
+        Ok(_) => return Ok(Some(ServiceCidr::VERSION)),
+        Err((404, _)) => {}
+        Err(e) => return Err(e),
+    }
+    match beta.list(&probe).await.map_err(code) {
+        Ok(_) => Ok(Some(Beta::<ServiceCidr>::VERSION)),
+        Err((404, _)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The ServiceCIDR watch (§4.8), at the version the API server serves. While they cannot be
+/// read (not served, not allowed) nothing is sent, so nothing is dropped; it asks again every
+/// `service_cidr_recheck`, and sooner (with backoff) when the API server did not answer.
+async fn watch_service_cidrs(
+    client: Client,
+    cfg: watcher::Config,
+    settings: Settings,
+    tx: mpsc::Sender<Input>,
+    observer: Arc<dyn Observer>,
+) {
+    let mut delay = BACKOFF_MIN;
+    let mut said = String::new();
+    loop {
+        let (wait, why) = match service_cidr_version(&client).await {
+            Ok(Some(version)) => {
+                tracing::info!(version, "Watching ServiceCIDRs: new connections to their unallocated addresses are dropped (nftables mode)");
+                if version == ServiceCidr::VERSION {
+                    let to = |u| Some(Input::ServiceCidrs(u));
+                    watch_kind::<ServiceCidr>(Api::all(client), cfg, settings, tx, observer, to)
+                        .await;
+                } else {
+                    let to = |u| Some(Input::ServiceCidrs(unwrap_beta(u)));
+                    let api = Api::all(client);
+                    watch_kind::<Beta<ServiceCidr>>(api, cfg, settings, tx, observer, to).await;
+                }
+                return;
+            }
+            Ok(None) => (
+                settings.service_cidr_recheck,
+                "ServiceCIDRs are not served by this API server (networking.k8s.io v1 or v1beta1): nothing is dropped for unallocated ClusterIPs".to_owned(),
+            ),
+            Err((403, msg)) => (
+                settings.service_cidr_recheck,
+                format!("Not allowed to list ServiceCIDRs (grant list and watch on networking.k8s.io servicecidrs, as system:node-proxier does): nothing is dropped for unallocated ClusterIPs: {msg}"),
+            ),
+            Err((_, msg)) => {
+                delay = (delay * 2).min(BACKOFF_MAX);
+                (delay, format!("Cannot tell whether ServiceCIDRs are served, asking again: {msg}"))
+            }
+        };
+        if why != said {
+            tracing::warn!("{why}");
+            said = why;
+        }
+        tokio::time::sleep(wait).await;
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+fn unwrap_beta(u: Update<Beta<ServiceCidr>>) -> Update<ServiceCidr> {
+    match u {
+        Update::Apply(b) => Update::Apply(b.0),
+        Update::Delete(k) => Update::Delete(k),
+        Update::Replace(v) => Update::Replace(v.into_iter().map(|b| b.0).collect()),
+        Update::Keep(k) => Update::Keep(k),
     }
 }
 
