@@ -2,6 +2,13 @@
 //! mode's one kernel path (nftables: the netlink executor; iptables: `iptables-restore`),
 //! keeps what was committed, and checks the rules are still there (active repair: a table
 //! deleted or flushed by another tool is detected within a second).
+//!
+//! When the kernel refuses a transaction, nothing of it is applied (nftables commits a batch
+//! all or nothing; `iptables-restore` commits table by table, nat first, and stops at the
+//! refused one), the family's committed copy is dropped so its next sync is full, and the
+//! other family is still synced. A cold start that is refused after some of its chunks went in
+//! deletes our half-built table in one transaction, so the kernel holds none of our rules, as
+//! before it began ([`apply_cold`]).
 
 use kpr_config::NodePortAddresses;
 use kpr_dataplane::iptables::{self as ipt, exec::Tools};
@@ -28,6 +35,60 @@ pub struct ApplyReport {
     /// Per family and table: rules owned, and rules written by this sync (iptables mode).
     pub iptables_rules: Vec<(IpFamily, ipt::IptTable, usize, usize)>,
     pub elapsed: Duration,
+}
+
+/// Why one family's sync failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyFailure {
+    pub family: IpFamily,
+    /// The failed render was a full one (else partial).
+    pub full: bool,
+    pub kind: FailureKind,
+    /// What was refused and why, in words.
+    pub message: String,
+}
+
+/// The classes of family failure (they are counted in different metrics, §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The kernel refused a transaction (nftables), or `iptables-restore` failed.
+    Refused,
+    /// `iptables-save` failed before a full sync, so nothing was sent.
+    Listing,
+}
+
+impl std::fmt::Display for FamilyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.full { "full" } else { "partial" };
+        write!(f, "{} {kind} sync: {}", self.family, self.message)
+    }
+}
+
+/// A sync in which at least one family failed.
+#[derive(Debug, Clone)]
+pub struct SyncFailure {
+    pub failed: Vec<FamilyFailure>,
+    /// What the other families did.
+    pub done: ApplyReport,
+}
+
+impl std::fmt::Display for SyncFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, failure) in self.failed.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{failure}")?;
+        }
+        Ok(())
+    }
+}
+
+impl SyncFailure {
+    /// Whether `family` failed.
+    pub fn failed(&self, family: IpFamily) -> bool {
+        self.failed.iter().any(|f| f.family == family)
+    }
 }
 
 /// Settings only the iptables mode has.
@@ -58,6 +119,8 @@ pub struct Dataplane {
     backend: Backend,
     masquerade_bit: u8,
     node_ports: NodePortAddresses,
+    /// The largest cold-start transaction, in operations.
+    cold_max_ops: usize,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -89,6 +152,7 @@ impl Dataplane {
             },
             masquerade_bit,
             node_ports,
+            cold_max_ops: COLD_START_MAX_OPS,
         }
     }
 
@@ -108,7 +172,15 @@ impl Dataplane {
             },
             masquerade_bit,
             node_ports,
+            cold_max_ops: COLD_START_MAX_OPS,
         }
+    }
+
+    /// Splits a cold start into transactions of at most `max_ops` operations (tests use small
+    /// ones to have several).
+    pub fn with_cold_start_max_ops(mut self, max_ops: usize) -> Dataplane {
+        self.cold_max_ops = max_ops.max(1);
+        self
     }
 
     /// "nftables" or "iptables".
@@ -162,28 +234,32 @@ impl Dataplane {
         }
     }
 
-    /// Renders and applies both families. On failure the family's committed copy is dropped,
-    /// so the next sync is a full one.
+    /// Renders and applies each family. A family that fails has its committed copy dropped,
+    /// so its next sync is a full one; the other family is synced all the same.
     pub fn sync(
         &mut self,
         desired: &DesiredState,
         plan: &SyncPlan,
         ctx: &NodeContext,
-    ) -> Result<ApplyReport, String> {
+    ) -> Result<ApplyReport, SyncFailure> {
         let start = Instant::now();
         let mut report = ApplyReport::default();
-        let (bit, node_ports) = (self.masquerade_bit, self.node_ports.clone());
-        match &mut self.backend {
+        let (bit, node_ports, cold_max_ops) = (
+            self.masquerade_bit,
+            self.node_ports.clone(),
+            self.cold_max_ops,
+        );
+        let failed = match &mut self.backend {
             Backend::Nft { exec, rendered } => sync_nft(
                 exec.as_mut(),
                 rendered,
-                bit,
+                (bit, cold_max_ops),
                 &node_ports,
                 desired,
                 plan,
                 ctx,
                 &mut report,
-            )?,
+            ),
             Backend::Ipt {
                 settings, rendered, ..
             } => sync_ipt(
@@ -195,10 +271,17 @@ impl Dataplane {
                 plan,
                 ctx,
                 &mut report,
-            )?,
-        }
+            ),
+        };
         report.elapsed = start.elapsed();
-        Ok(report)
+        if failed.is_empty() {
+            Ok(report)
+        } else {
+            Err(SyncFailure {
+                failed,
+                done: report,
+            })
+        }
     }
 
     /// Whether every family's rules are still as we left them (present, not flushed).
@@ -239,13 +322,14 @@ impl Dataplane {
 fn sync_nft(
     exec: &mut dyn Executor,
     rendered: &mut BTreeMap<IpFamily, Rendered>,
-    masquerade_bit: u8,
+    (masquerade_bit, cold_max_ops): (u8, usize),
     node_ports: &NodePortAddresses,
     desired: &DesiredState,
     plan: &SyncPlan,
     ctx: &NodeContext,
     report: &mut ApplyReport,
-) -> Result<(), String> {
+) -> Vec<FamilyFailure> {
+    let mut failed = Vec::new();
     for (family, fam) in &desired.families {
         let committed = rendered.entry(*family).or_default();
         let full = plan.full || committed.is_empty();
@@ -265,12 +349,8 @@ fn sync_nft(
             && !exec
                 .table_intact(&table(*family), layout::MASQUERADING)
                 .unwrap_or(false);
-        // Each cold-start transaction is applied as soon as it is rendered: one chunk in
-        // memory at a time.
         let applied = if cold {
-            render_cold_each(fam, &cfg, committed, COLD_START_MAX_OPS, &mut |tx| {
-                exec.apply(&tx).map_err(|e| e.to_string())
-            })
+            apply_cold(exec, fam, &cfg, committed, cold_max_ops)
         } else {
             let tx = render(fam, &cfg, committed, plan);
             match tx.is_empty() {
@@ -278,22 +358,71 @@ fn sync_nft(
                 false => exec
                     .apply(&tx)
                     .map(|()| tx.len())
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| format!("{e} (a transaction of {} operations)", tx.len())),
             }
         };
-        let ops = match applied {
-            Ok(ops) => ops,
-            Err(e) => {
-                // What the kernel holds is unknown now: the next render is full.
+        match applied {
+            Ok(ops) if ops > 0 => report.families.push((*family, ops, full)),
+            Ok(_) => {}
+            Err(message) => {
+                // Nothing of the refused transaction is in the kernel, but the committed copy
+                // was advanced by the render: the next render of this family is full.
                 rendered.remove(family);
-                return Err(format!("{family}: {e}"));
+                failed.push(FamilyFailure {
+                    family: *family,
+                    full,
+                    kind: FailureKind::Refused,
+                    message,
+                });
             }
-        };
-        if ops > 0 {
-            report.families.push((*family, ops, full));
         }
     }
-    Ok(())
+    failed
+}
+
+/// Applies a cold start, each transaction as soon as it is rendered (one chunk in memory at a
+/// time); returns the operations applied. The chunks commit one by one, so a refusal after
+/// the first leaves a half-built table: it is deleted in one more transaction, and the kernel
+/// holds none of our rules, as before the cold start (the retry is a cold start again). If
+/// that deletion is refused too, the half-built table stays until the retry, which finds a
+/// table and replaces it in one transaction; the verdict-map elements that send traffic to
+/// Services come in the last chunks, so a refusal before them leaves nothing reachable.
+pub fn apply_cold(
+    exec: &mut dyn Executor,
+    fam: &kpr_model::desired::FamilyDesired,
+    cfg: &NftConfig,
+    committed: &mut Rendered,
+    max_ops: usize,
+) -> Result<usize, String> {
+    let mut done = 0usize;
+    let result = render_cold_each(fam, cfg, committed, max_ops, &mut |tx| {
+        exec.apply(&tx)
+            .map(|()| done += 1)
+            .map_err(|e| (tx.len(), e))
+    });
+    let (ops, refused) = match result {
+        Ok(ops) => return Ok(ops),
+        Err(e) => e,
+    };
+    let what = format!(
+        "{refused} (the cold start's transaction {}, of {ops} operations)",
+        done + 1
+    );
+    if done == 0 {
+        return Err(what);
+    }
+    let table = cfg.table();
+    let mut undo = Transaction::new(table.clone());
+    undo.push(Op::AddTable(table));
+    undo.push(Op::DeleteTable);
+    Err(match exec.apply(&undo) {
+        Ok(()) => format!(
+            "{what}; the {done} transactions applied before it were undone (our table deleted), so none of our rules are in the kernel"
+        ),
+        Err(e) => format!(
+            "{what}; the {done} transactions applied before it could not be undone ({e}): a half-built table of ours is in the kernel (no Service is reachable through it) until the retry"
+        ),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -306,7 +435,8 @@ fn sync_ipt(
     plan: &SyncPlan,
     ctx: &NodeContext,
     report: &mut ApplyReport,
-) -> Result<(), String> {
+) -> Vec<FamilyFailure> {
+    let mut failed = Vec::new();
     for (family, fam) in &desired.families {
         let committed = rendered.entry(*family).or_default();
         let full = plan.full || committed.is_empty();
@@ -326,11 +456,20 @@ fn sync_ipt(
         // Full syncs list the kernel first: stale service chains and misplaced jumps are
         // fixed in the same restore.
         let existing = if full {
-            let save = settings
-                .tools
-                .save(*family)
-                .map_err(|e| format!("{family}: {e}"))?;
-            Some(ipt::Existing::parse(&save))
+            match settings.tools.save(*family) {
+                Ok(save) => Some(ipt::Existing::parse(&save)),
+                Err(e) => {
+                    // Without the listing, jumps could be inserted twice: nothing is sent.
+                    rendered.remove(family);
+                    failed.push(FamilyFailure {
+                        family: *family,
+                        full,
+                        kind: FailureKind::Listing,
+                        message: format!("could not list the kernel's rules first: {e}"),
+                    });
+                    continue;
+                }
+            }
         } else {
             None
         };
@@ -338,8 +477,13 @@ fn sync_ipt(
         if !restore.text.is_empty() {
             if let Err(e) = settings.tools.restore(*family, &restore.text) {
                 rendered.remove(family);
-                let kind = if restore.full { "full" } else { "partial" };
-                return Err(format!("{family}: {kind} restore: {e}"));
+                failed.push(FamilyFailure {
+                    family: *family,
+                    full: restore.full,
+                    kind: FailureKind::Refused,
+                    message: e.to_string(),
+                });
+                continue;
             }
             report.bytes += restore.text.len();
             report
@@ -353,8 +497,11 @@ fn sync_ipt(
             }
         }
     }
-    Ok(())
+    failed
 }
+
+#[cfg(test)]
+mod kernel_refusals;
 
 /// The addresses that accept NodePorts in one family (§4.4).
 pub(crate) fn node_port_addrs(

@@ -5,6 +5,9 @@
 //! after that, bursts are coalesced and syncs are at least `min_sync_period` apart (§11). A sync
 //! computes the desired state, applies it through the data plane (when there is one), and
 //! reports what it did, with the network-programming latency of the changes it committed.
+//! A sync the kernel refuses (for one family or both) is retried as a full one after a delay
+//! doubling from 1 s to syncPeriod, counted in the mode's failure metric and logged in words
+//! once per refusal (`log_report`); the refused family stays queued for the health model.
 
 use crate::dataplane::Dataplane;
 use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
@@ -39,7 +42,7 @@ pub struct SyncReport {
     /// Service ports per family after the sync.
     pub ports: Vec<(IpFamily, usize)>,
     /// The data plane's result (`None` without a data plane).
-    pub applied: Option<Result<crate::dataplane::ApplyReport, String>>,
+    pub applied: Option<Result<crate::dataplane::ApplyReport, crate::dataplane::SyncFailure>>,
     /// Network-programming latency of the EndpointSlice changes this sync put in the kernel
     /// (from their last-change-trigger-time; empty unless the data plane applied them).
     pub network_programming: Vec<Duration>,
@@ -149,7 +152,10 @@ impl SyncState {
         let latency = report.network_programming.iter().max().copied();
         let (operations, result) = match &report.applied {
             Some(Ok(a)) => (a.families.iter().map(|(_, n, _)| n).sum(), "ok".to_owned()),
-            Some(Err(e)) => (0, e.clone()),
+            Some(Err(e)) => (
+                e.done.families.iter().map(|(_, n, _)| n).sum(),
+                e.to_string(),
+            ),
             None => (0, "ok (no data plane)".to_owned()),
         };
         if matches!(report.applied, None | Some(Ok(_))) {
@@ -338,52 +344,68 @@ impl SyncState {
 
     /// Sync outcome into the metrics: durations, last sync, failures, pending changes, and
     /// the Local-policy ports without a local endpoint.
+    ///
+    /// Failures are counted per family that failed, once per refused transaction, in the
+    /// mode's own counter as upstream does (§8): nftables `sync_failures_total`; iptables
+    /// `restore_failures_total`, and `partial_restore_failures_total` too when the refused
+    /// restore was a partial one. A failed `iptables-save` sent nothing and is not a failed
+    /// restore (upstream carries on without the listing; we retry, see `sync_ipt`).
     fn observe(
         &self,
         m: &kpr_ops::metrics::Metrics,
-        applied: &Option<Result<crate::dataplane::ApplyReport, String>>,
+        applied: &Option<Result<crate::dataplane::ApplyReport, crate::dataplane::SyncFailure>>,
         latencies: &[Duration],
     ) {
-        match applied {
-            Some(Ok(a)) => {
-                for (family, _, full) in &a.families {
-                    m.observe_sync(family.label(), *full, a.elapsed);
+        use crate::dataplane::FailureKind;
+        let (done, failed) = match applied {
+            Some(Ok(a)) => (Some(a), &[][..]),
+            Some(Err(e)) => (Some(&e.done), &e.failed[..]),
+            None => (None, &[][..]),
+        };
+        if let Some(a) = done {
+            for (family, _, full) in &a.families {
+                m.observe_sync(family.label(), *full, a.elapsed);
+            }
+            for family in self.desired.families.keys() {
+                if !failed.iter().any(|f| f.family == *family) {
                     m.last_sync
                         .with_label_values(&[family.label()])
                         .set(unix_now());
                 }
-                for (family, table, owned, written) in &a.iptables_rules {
-                    let labels = [family.label(), table.as_str()];
-                    m.iptables_total
-                        .with_label_values(&labels)
-                        .set(*owned as i64);
-                    m.iptables_last
-                        .with_label_values(&labels)
-                        .set(*written as i64);
-                }
             }
-            Some(Err(e)) => {
-                for family in self.desired.families.keys() {
-                    let label = [family.label()];
-                    if self.mode() == "iptables" {
-                        m.iptables_restore_failures.with_label_values(&label).inc();
-                        if e.contains("partial restore") {
-                            m.iptables_partial_restore_failures
-                                .with_label_values(&label)
-                                .inc();
-                        }
-                    } else {
-                        m.nftables_sync_failures.with_label_values(&label).inc();
+            for (family, table, owned, written) in &a.iptables_rules {
+                let labels = [family.label(), table.as_str()];
+                m.iptables_total
+                    .with_label_values(&labels)
+                    .set(*owned as i64);
+                m.iptables_last
+                    .with_label_values(&labels)
+                    .set(*written as i64);
+            }
+        }
+        for f in failed {
+            let label = [f.family.label()];
+            match (self.mode(), f.kind) {
+                ("iptables", FailureKind::Refused) => {
+                    m.iptables_restore_failures.with_label_values(&label).inc();
+                    if !f.full {
+                        m.iptables_partial_restore_failures
+                            .with_label_values(&label)
+                            .inc();
                     }
                 }
-                return;
+                ("iptables", FailureKind::Listing) => {}
+                _ => m.nftables_sync_failures.with_label_values(&label).inc(),
             }
-            None => {
-                for family in self.desired.families.keys() {
-                    m.last_sync
-                        .with_label_values(&[family.label()])
-                        .set(unix_now());
-                }
+        }
+        if !failed.is_empty() {
+            return;
+        }
+        if done.is_none() {
+            for family in self.desired.families.keys() {
+                m.last_sync
+                    .with_label_values(&[family.label()])
+                    .set(unix_now());
             }
         }
         m.service_changes_pending.set(0);
@@ -610,11 +632,15 @@ impl SyncState {
         } else {
             Vec::new()
         };
-        if let (Some(h), true) = (&self.health, succeeded) {
+        if let Some(h) = &self.health {
+            // Each family that synced is healthy again; a family that failed keeps its queued
+            // change, so it turns unhealthy once that has waited 2 x syncPeriod (§7.1).
             let now = std::time::SystemTime::now();
             h.update(|m| {
                 for family in self.desired.families.keys() {
-                    m.synced(family.label(), now);
+                    if !matches!(&applied, Some(Err(e)) if e.failed(*family)) {
+                        m.synced(family.label(), now);
+                    }
                 }
             });
         }
@@ -676,6 +702,8 @@ pub async fn run(
     let (drift_tx, mut drift_rx) = mpsc::unbounded_channel();
     let mut drift = DriftCheck::default();
     let mut last_ok = false;
+    // The failed syncs in a row, and when the first of them was.
+    let mut failing: Option<(u32, Instant)> = None;
     // Bumped by every sync that wrote to the kernel (or failed): a comparison that started
     // before one says nothing. Syncs that wrote nothing (the periodic ones) leave it alone.
     let mut kernel_gen: u64 = 0;
@@ -776,7 +804,7 @@ pub async fn run(
                     Some(Err(_)) => (retry_delay * 2).clamp(Duration::from_secs(1), state.cfg.sync_period),
                     _ => Duration::ZERO,
                 };
-                log_report(&report);
+                failing = log_report(&report, failing, state.cfg.min_sync_period.max(retry_delay));
                 let _ = reports.send(report);
             }
         }
@@ -936,7 +964,45 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn log_report(r: &SyncReport) {
+/// Logs a sync; returns the failed syncs in a row after it.
+///
+/// A failure is one line at error level per family that failed: what was refused and why, in
+/// words, the attempt, and when the retry comes. Repeats are not folded into a count: the
+/// retry delay doubles from 1 s to syncPeriod, so a failure that persists logs about seven
+/// lines in its first minute and then one per syncPeriod, and every line stands alone (a log
+/// search for the refusal finds each attempt; each matches one increment of the failure
+/// counter). The first success after failures says how long they lasted.
+fn log_report(
+    r: &SyncReport,
+    failing: Option<(u32, Instant)>,
+    retry_in: Duration,
+) -> Option<(u32, Instant)> {
+    if let Some(Err(e)) = &r.applied {
+        let (attempt, since) = failing.map_or((1, Instant::now()), |(n, t)| (n + 1, t));
+        for f in &e.failed {
+            tracing::error!(
+                family = %f.family,
+                sync = if f.full { "full" } else { "partial" },
+                attempt,
+                retry_in_seconds = retry_in.as_secs_f64(),
+                "Sync failed, retrying as a full sync: {}",
+                f.message
+            );
+        }
+        return Some((attempt, since));
+    }
+    if let Some((attempts, since)) = failing {
+        tracing::info!(
+            failed_attempts = attempts,
+            failing_seconds = since.elapsed().as_secs_f64(),
+            "Sync succeeded after failing"
+        );
+    }
+    log_success(r);
+    None
+}
+
+fn log_success(r: &SyncReport) {
     let ports: Vec<String> = r.ports.iter().map(|(f, n)| format!("{f}={n}")).collect();
     match &r.applied {
         Some(Ok(a)) => {
@@ -964,10 +1030,7 @@ fn log_report(r: &SyncReport) {
             }
             return;
         }
-        Some(Err(e)) => {
-            tracing::error!("Sync failed, retrying as a full sync: {e}");
-            return;
-        }
+        Some(Err(_)) => return,
         None => {}
     }
     tracing::info!(
@@ -981,6 +1044,9 @@ fn log_report(r: &SyncReport) {
         tracing::debug!(port = %p, "Service port changed");
     }
 }
+
+#[cfg(test)]
+mod refusals;
 
 #[cfg(test)]
 mod tests {

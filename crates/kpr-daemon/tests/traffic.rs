@@ -1625,6 +1625,22 @@ fn t7_1_2_health_turns_unhealthy_while_syncs_fail_and_recovers() {
         || c.http_get(10256, "/livez").starts_with("HTTP/1.1 503"),
     );
     assert!(c.http_get(10256, "/healthz").starts_with("HTTP/1.1 503"));
+    // Issue 15: each refusal is counted and logged, naming the refused operation, in words.
+    assert!(
+        c.logged(
+            "Sync failed, retrying as a full sync: the kernel refused `add table ip kube-proxy-rs"
+        ) && c.logged("another process owns the table (nft 'flags owner')"),
+        "{}",
+        std::fs::read_to_string(&c.log).unwrap_or_default()
+    );
+    assert!(
+        c.http_get(10249, "/metrics").lines().any(|l| l
+            .strip_prefix(
+                r#"kubeproxy_sync_proxy_rules_nftables_sync_failures_total{ip_family="IPv4"} "#
+            )
+            .is_some_and(|n| n.trim() != "0")),
+        "refusals counted"
+    );
     Lab::wait_for("/livez 200 again", Duration::from_secs(15), || {
         c.http_get(10256, "/livez").starts_with("HTTP/1.1 200")
     });
@@ -2156,5 +2172,127 @@ fn verify_names_drift_explain_sees_it_and_the_drift_check_repairs_it(mode: Mode)
         "verify to pass after the repair",
         Duration::from_secs(3),
         || run(&format!("verify {server}")).0 == 0,
+    );
+}
+
+/// Issue 15, "the kernel says no", iptables mode (both back ends).
+mod refused_restore {
+    #[test]
+    fn iptables_nft() {
+        super::a_refused_restore_is_counted_logged_retried_and_recovers(super::Mode::Iptables)
+    }
+    #[test]
+    fn iptables_legacy() {
+        super::a_refused_restore_is_counted_logged_retried_and_recovers(super::Mode::Legacy)
+    }
+}
+
+/// Issue 15 in iptables mode: someone else's rule (nat OUTPUT, for an address no Service
+/// uses) jumps to the service chain of `web2`, and `web2` is deleted, so the restore that
+/// deletes its chain is refused. Each refusal is counted (`iptables_restore_failures_total`,
+/// and `iptables_partial_restore_failures_total` once, for the partial sync that met it first)
+/// and logged once, in words naming the chain; the full retries fail the same way and change
+/// nothing (nat goes first in a restore, so a refused one commits nothing); `/livez` turns 503
+/// once the change has waited 2 x syncPeriod. When the rule goes, the next retry deletes the
+/// chain and the proxy is healthy again. Upstream behaves the same: it deletes stale chains in
+/// the restore and fails every sync until nothing jumps to them.
+fn a_refused_restore_is_counted_logged_retried_and_recovers(mode: Mode) {
+    let Some(mut c) = Cluster::new("refused", mode) else {
+        return;
+    };
+    c.pod("pod1", "10.0.0.11", None);
+    let eps = |svc: &str| slice(svc, "IPv4", &[("10.0.0.11", "node-a")], WEB_EP_PORTS);
+    c.manifest("web.yaml", &service("web", "172.30.0.10", "", WEB_PORTS));
+    c.manifest("web-eps.yaml", &eps("web"));
+    c.manifest("web2.yaml", &service("web2", "172.30.0.20", "", WEB_PORTS));
+    c.manifest("web2-eps.yaml", &eps("web2"));
+    let source = format!(
+        "--manifests {} --iptables-sync-period 2s",
+        c.dir.path().display()
+    );
+    c.start_proxy_with(&source);
+    // Every table, without timestamps and packet counters.
+    let save = || -> String {
+        c.lab
+            .sh(&c.node, &mode.tool(false, "-save"))
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.strip_prefix(':') {
+                Some(decl) => decl
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let chain = save()
+        .lines()
+        .find(|l| l.contains("-d 172.30.0.20/32") && l.contains("-j KUBE-SVC-"))
+        .and_then(|l| l.split("-j ").nth(1))
+        .unwrap()
+        .to_owned();
+    let iptables = mode.tool(false, "");
+    let foreign = format!("-t nat -A OUTPUT -d 198.51.100.1/32 -j {chain}");
+    c.lab.sh(&c.node, &format!("{iptables} {foreign}"));
+    let before = save();
+    let failed = || {
+        std::fs::read_to_string(&c.log)
+            .unwrap_or_default()
+            .matches("Sync failed, retrying as a full sync")
+            .count()
+    };
+    let counter = |name: &str| -> u64 {
+        let series = format!("kubeproxy_sync_proxy_rules_{name}{{ip_family=\"IPv4\"}} ");
+        c.http_get(10249, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    c.remove("web2.yaml");
+    c.remove("web2-eps.yaml");
+    Lab::wait_for(
+        "/livez 503 while restores fail",
+        Duration::from_secs(12),
+        || failed() >= 2 && c.http_get(10256, "/livez").starts_with("HTTP/1.1 503"),
+    );
+    assert_eq!(save(), before, "a refused restore changed the kernel");
+    let why = match mode {
+        Mode::Legacy => {
+            "the tool gives no reason (iptables-legacy); a chain cannot be deleted while a rule jumps to it"
+        }
+        _ => "the chain is still in use: a rule that is not ours jumps to it",
+    };
+    assert!(
+        c.logged("refused line")
+            && c.logged(&format!("deleting chain {chain} in table nat: {why}")),
+        "the log says what was refused, in words:\n{}",
+        std::fs::read_to_string(&c.log).unwrap_or_default()
+    );
+    assert!(counter("iptables_restore_failures_total") >= 2);
+    assert_eq!(counter("iptables_partial_restore_failures_total"), 1);
+    c.lab.sh(
+        &c.node,
+        &format!("{iptables} {}", foreign.replace(" -A ", " -D ")),
+    );
+    Lab::wait_for("the retry to succeed", Duration::from_secs(5), || {
+        c.logged("Sync succeeded after failing")
+    });
+    Lab::wait_for("/livez 200 again", Duration::from_secs(3), || {
+        c.http_get(10256, "/livez").starts_with("HTTP/1.1 200")
+    });
+    assert!(!save().contains(&chain), "the stale chain is gone");
+    assert!(!c.programmed("172.30.0.20"));
+    assert_eq!(
+        counter("iptables_restore_failures_total"),
+        failed() as u64,
+        "one log line per refused restore"
+    );
+    assert_eq!(
+        who(&c.lab.tcp(&c.node, "172.30.0.10", 80)),
+        "pod1",
+        "the other Service works"
     );
 }

@@ -26,6 +26,19 @@ impl Executor for Fake {
     }
 }
 
+/// An executor shared with the test that inspects it (a [`Fake`] the code under test applies
+/// to while the test reads its state).
+impl<E: Executor + ?Sized> Executor for std::sync::Arc<std::sync::Mutex<E>> {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).apply(tx)
+    }
+    fn table_intact(&mut self, table: &Table, canary: &str) -> Result<bool, ApplyError> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .table_intact(table, canary)
+    }
+}
+
 /// Drives the `nft` binary, in this process's network namespace or (for tests) in a named one
 /// through `ip netns exec`.
 #[derive(Debug, Clone, Default)]

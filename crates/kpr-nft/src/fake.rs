@@ -32,10 +32,33 @@ pub enum ApplyError {
         name: String,
         why: String,
     },
+    /// The kernel refused the transaction, so nothing of it was applied. `op` is the `nft`
+    /// line of the operation it named (or what else it refused, such as the whole batch).
+    #[error(
+        "the kernel refused `{op}`: {} ({})",
+        crate::refusal::explain(*errno),
+        crate::refusal::label(*errno)
+    )]
+    Refused { errno: i32, op: String },
     #[error("nft failed: {0}")]
     Kernel(String),
     #[error("could not run nft: {0}")]
     Spawn(String),
+}
+
+impl ApplyError {
+    /// The error number the kernel gives (or, from the fake, would give) for this refusal.
+    pub fn errno(&self) -> Option<i32> {
+        use crate::refusal::Errno;
+        Some(match self {
+            ApplyError::Refused { errno, .. } => *errno,
+            ApplyError::NotFound { .. } => Errno::NOENT.raw_os_error(),
+            ApplyError::Busy { .. } => Errno::BUSY.raw_os_error(),
+            ApplyError::Exists { .. } => Errno::EXIST.raw_os_error(),
+            ApplyError::Invalid { .. } => Errno::INVAL.raw_os_error(),
+            ApplyError::Kernel(_) | ApplyError::Spawn(_) => return None,
+        })
+    }
 }
 
 fn nf(kind: &'static str, name: &str) -> ApplyError {

@@ -6,16 +6,22 @@
 //! nothing) and dumps its state in `nft list table` form, so tests can compare it with the
 //! kernel. [`Netlink`] speaks nf_tables netlink directly (the daemon's executor); [`NftCli`] drives
 //! `nft -f -` (the reference it is checked against). Only executors touch the kernel.
+//! [`Faulty`] wraps any executor and refuses chosen transactions, for tests of refusals, whose
+//! errors say in words what the kernel refused ([`refusal`]).
 
 pub mod exec;
 pub mod fake;
+pub mod faulty;
 pub mod netlink;
 pub mod objects;
+pub mod refusal;
 pub mod text;
 pub mod transaction;
 
 pub use exec::{Executor, NftCli};
 pub use fake::{ApplyError, Fake, normalize};
+pub use faulty::{Faults, Faulty};
 pub use netlink::Netlink;
 pub use objects::*;
+pub use refusal::Errno;
 pub use transaction::{Op, Transaction};

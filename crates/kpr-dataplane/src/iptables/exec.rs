@@ -4,6 +4,7 @@
 //! that runs iptables tools.
 
 use super::cleanup::removal;
+use super::refusal::RestoreError;
 use kpr_model::IpFamily;
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -129,8 +130,10 @@ impl Tools {
     }
 
     /// `iptables-restore --noflush` of `input`, waiting up to 5 s for the xtables lock. Each
-    /// table's part commits atomically; a refused input names the failing line.
-    pub fn restore(&self, family: IpFamily, input: &str) -> Result<(), String> {
+    /// table's part commits atomically, in the input's order, and the tool stops at the first
+    /// refused table (so the tables before it stay committed); the error names the refused
+    /// line and says why.
+    pub fn restore(&self, family: IpFamily, input: &str) -> Result<(), RestoreError> {
         let tool = self.variant.tool(family, "-restore");
         restore_with(&tool, &["-w", "5", "--noflush"], input)
     }
@@ -160,37 +163,28 @@ impl Tools {
     }
 }
 
-fn restore_with(tool: &str, args: &[&str], input: &str) -> Result<(), String> {
+fn restore_with(tool: &str, args: &[&str], input: &str) -> Result<(), RestoreError> {
+    let spawn = |e: std::io::Error| RestoreError::spawn(tool, &e);
     let mut child = Command::new(tool)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{tool}: {e}"))?;
+        .map_err(spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| format!("{tool}: {e}"))?;
+        stdin.write_all(input.as_bytes()).map_err(spawn)?;
     }
-    let res = child
-        .wait_with_output()
-        .map_err(|e| format!("{tool}: {e}"))?;
+    let res = child.wait_with_output().map_err(spawn)?;
     if res.status.success() {
         return Ok(());
     }
-    let err = String::from_utf8_lossy(&res.stderr).trim().to_owned();
-    // "line N failed": quote the line, so the log says which rule the kernel refused.
-    let line = err
-        .split("line ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse::<usize>().ok())
-        .and_then(|n| input.lines().nth(n.saturating_sub(1)));
-    Err(match line {
-        Some(l) => format!("{tool}: {err} (input line: {l})"),
-        None => format!("{tool}: {err}"),
-    })
+    // The tool names a line of the input: the error quotes it and says why, in words.
+    Err(RestoreError::from_output(
+        tool,
+        input,
+        &String::from_utf8_lossy(&res.stderr),
+    ))
 }
 
 /// Removes kube-proxy's iptables chains and jumps (§13.6; ours have the same names) in both
@@ -219,7 +213,7 @@ pub fn remove_upstream_leftovers() -> Result<Vec<String>, String> {
             let Some(input) = removal(&String::from_utf8_lossy(&out.stdout)) else {
                 continue;
             };
-            restore_with(&restore, &["-w", "5", "--noflush"], &input)?;
+            restore_with(&restore, &["-w", "5", "--noflush"], &input).map_err(|e| e.to_string())?;
             cleaned.push(format!("{family}/{}", variant.as_str()));
         }
     }

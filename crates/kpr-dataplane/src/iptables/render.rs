@@ -537,8 +537,14 @@ fn count_rules(write: &BTreeMap<ChainKey, Vec<Rule>>) -> BTreeMap<IptTable, usiz
     out
 }
 
-/// The restore input: per table, declarations, jump deletions, rules, jump insertions, chain
-/// deletions, `COMMIT`. Tables with nothing to do are left out.
+/// The order of the tables in a restore input. `iptables-restore` commits table by table and
+/// stops at the first refused one, so the tables before it stay committed: nat, where the
+/// kernel refuses what it refuses in practice (deleting a stale service chain that a rule not
+/// ours still jumps to), goes first, so such a refusal leaves the kernel exactly as it was.
+pub const RESTORE_ORDER: [IptTable; 3] = [IptTable::Nat, IptTable::Filter, IptTable::Mangle];
+
+/// The restore input: per table (in [`RESTORE_ORDER`]), declarations, jump deletions, rules,
+/// jump insertions, chain deletions, `COMMIT`. Tables with nothing to do are left out.
 fn restore_text(
     write: &BTreeMap<ChainKey, Vec<Rule>>,
     del_jumps: &[(IptTable, String)],
@@ -546,7 +552,7 @@ fn restore_text(
     delete: &BTreeSet<ChainKey>,
 ) -> String {
     let mut out = String::new();
-    for table in IptTable::ALL {
+    for table in RESTORE_ORDER {
         let writes: Vec<(&String, &Vec<Rule>)> = write
             .iter()
             .filter(|((t, _), _)| *t == table)

@@ -14,7 +14,6 @@ pub use query::get_rules_request;
 use crate::exec::Executor;
 use crate::fake::ApplyError;
 use crate::objects::{Family, Table};
-use crate::text;
 use crate::transaction::Transaction;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 use std::os::fd::AsFd;
@@ -130,15 +129,6 @@ impl Netlink {
     }
 }
 
-/// The script line of one operation, to name what the kernel refused.
-fn describe(tx: &Transaction, op: usize) -> String {
-    let one = Transaction {
-        table: tx.table.clone(),
-        ops: tx.ops.get(op).cloned().into_iter().collect(),
-    };
-    text::script(&one).trim_end().to_owned()
-}
-
 impl Executor for Netlink {
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
         if tx.is_empty() {
@@ -154,7 +144,21 @@ impl Executor for Netlink {
                 .map_err(|e| io("SO_SNDBUFFORCE")(e.into()))?;
             self.sndbuf = size;
         }
-        let sent = self.socket.send(&batch.bytes, 0).map_err(io("send"))?;
+        let whole = || {
+            format!(
+                "the whole batch ({} operations, {} bytes)",
+                tx.len(),
+                batch.bytes.len()
+            )
+        };
+        let sent = self
+            .socket
+            .send(&batch.bytes, 0)
+            .map_err(|e| match e.raw_os_error() {
+                // The kernel processes the batch inside `sendmsg`: an errno here refuses all of it.
+                Some(errno) if errno > 0 => ApplyError::Refused { errno, op: whole() },
+                _ => io("send")(e),
+            })?;
         if sent != batch.bytes.len() {
             return Err(ApplyError::Kernel(format!(
                 "netlink: sent {sent} of {} bytes",
@@ -163,14 +167,18 @@ impl Executor for Netlink {
         }
         let (errors, acked) = self.replies(batch.ack_seq)?;
         if let Some((seq, code)) = errors.first() {
-            let what = batch
+            // The first error names the operation the kernel refused; later ones follow from
+            // the abort. A negative code is an errno; anything else is not one.
+            let op = batch
                 .origin
                 .iter()
                 .find(|(s, _)| s == seq)
-                .map(|(_, op)| describe(tx, *op))
-                .unwrap_or_else(|| "the batch".to_owned());
-            let err = std::io::Error::from_raw_os_error(-code);
-            return Err(ApplyError::Kernel(format!("{err}: {what}")));
+                .map(|(_, op)| tx.describe(*op))
+                .unwrap_or_else(whole);
+            return Err(ApplyError::Refused {
+                errno: code.checked_neg().unwrap_or(0),
+                op,
+            });
         }
         if !acked {
             return Err(ApplyError::Kernel(
