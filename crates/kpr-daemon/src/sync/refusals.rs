@@ -17,6 +17,7 @@ use kpr_ops::server::Health;
 use kpr_testkit::{NODE, service, slice};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+use tokio::sync::{mpsc, watch};
 
 const SYNC_PERIOD: Duration = Duration::from_secs(30);
 
