@@ -5,7 +5,6 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::duration::GoDuration;
-use crate::types::is_false;
 
 /// component-base `LoggingConfiguration`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -112,4 +111,8 @@ fn deserialize_quantity<'de, D: Deserializer<'de>>(deserializer: D) -> Result<St
         Raw::Float(f) => f.to_string(),
         Raw::Text(t) => t,
     })
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::error::ConfigError;
 use crate::logging::VModuleItem;
-use crate::types::KubeProxyConfiguration;
 
 /// The proxy backends kube-proxy-rs implements.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -173,19 +171,6 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// Validates a defaulted configuration (§9.3) and converts it, applying the platform
-    /// defaults. Flag-only options are left unset (`false` / `None`).
-    pub fn from_config(cfg: &KubeProxyConfiguration) -> Result<ProxyConfig, ConfigError> {
-        crate::validate::build(cfg).map_err(ConfigError::Invalid)
-    }
-
-    /// The settings of upstream's defaults (what an empty configuration gives).
-    pub fn defaults() -> Result<ProxyConfig, ConfigError> {
-        let mut cfg = KubeProxyConfiguration::default();
-        crate::defaults::set_defaults(&mut cfg);
-        Self::from_config(&cfg)
-    }
-
     /// How long the health server waits for a sync before reporting unhealthy (2 x syncPeriod).
     pub fn health_timeout(&self) -> Duration {
         self.sync_period.saturating_mul(2)

@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use crate::error::FieldError;
+use crate::error::{ConfigError, FieldError};
 use crate::feature_gates::check_feature_gates;
 use crate::proxy::{ClientSettings, ConntrackSettings, LogSettings, ProxyConfig, ProxyMode};
 use crate::rules::{
@@ -220,5 +220,20 @@ pub(crate) fn build(cfg: &KubeProxyConfiguration) -> Result<ProxyConfig, Vec<Fie
         Ok(proxy)
     } else {
         Err(errs)
+    }
+}
+
+impl ProxyConfig {
+    /// Validates a defaulted configuration (§9.3) and converts it, applying the platform
+    /// defaults. Flag-only options are left unset (`false` / `None`).
+    pub fn from_config(cfg: &KubeProxyConfiguration) -> Result<ProxyConfig, ConfigError> {
+        build(cfg).map_err(ConfigError::Invalid)
+    }
+
+    /// The settings of upstream's defaults (what an empty configuration gives).
+    pub fn defaults() -> Result<ProxyConfig, ConfigError> {
+        let mut cfg = KubeProxyConfiguration::default();
+        crate::defaults::set_defaults(&mut cfg);
+        Self::from_config(&cfg)
     }
 }

@@ -17,7 +17,7 @@ pub fn main() -> ExitCode {
         Some("sandbox") => return sandbox(),
         Some("explain") => {
             let args: Vec<String> = std::env::args().skip(2).collect();
-            return crate::debug::cli::explain(&args);
+            return crate::debug::cli::explain(&args, &offline_state);
         }
         Some("verify") => {
             let args: Vec<String> = std::env::args().skip(2).collect();
@@ -83,6 +83,29 @@ fn sandbox() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `explain`'s offline answer: the objects from `--manifests` or listed once from the API
+/// server, folded into a sync state and synced once, programming nothing.
+fn offline_state(proxy: &ProxyConfig) -> Result<crate::debug::Snapshot, (u8, String)> {
+    let cfg = sync_config(proxy).map_err(|e| (2, format!("{e:#}")))?;
+    let mut state = SyncState::new(cfg.clone());
+    let inputs = match &proxy.manifests {
+        Some(dir) => {
+            let (snapshot, problems) =
+                kpr_watch::load_dir(dir).map_err(|e| (1, format!("{}: {e}", dir.display())))?;
+            for p in problems {
+                eprintln!("explain: {p}");
+            }
+            snapshot.into_inputs()
+        }
+        None => crate::debug::cli::list_from_api(proxy, &cfg.node_name).map_err(|e| (1, e))?,
+    };
+    for input in inputs {
+        state.record(input);
+    }
+    state.sync();
+    Ok(state.debug_snapshot(0))
 }
 
 /// Raises the soft limit on open files to the hard one, as Go programs (upstream) do at start:

@@ -1,5 +1,6 @@
 //! ARCHITECTURE.md's dependency invariants, checked against `cargo metadata`: the model does no
-//! IO and knows no runtime; only the daemon wires crates together.
+//! IO and knows no runtime; only the daemon wires crates together; and, from the sources, no
+//! two modules of a crate import each other.
 
 #![allow(clippy::unwrap_used)]
 use std::collections::{BTreeMap, BTreeSet};
@@ -102,4 +103,96 @@ fn only_the_daemon_wires_crates_together() {
         "config is a leaf"
     );
     assert!(!deps["kpr-config"].contains("tokio"), "config is pure");
+}
+
+/// The top-level modules each `use crate::…` in one crate's sources (test modules and
+/// comments left out).
+fn module_imports(src: &std::path::Path) -> BTreeMap<String, BTreeSet<String>> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(src, &mut files);
+    // Modules declared `#[cfg(test)] mod name;` are tests: they may use anything.
+    let mut test_only = BTreeSet::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for w in lines.windows(2) {
+            if w[0].trim() == "#[cfg(test)]"
+                && let Some(name) = w[1].trim().strip_prefix("mod ")
+                && let Some(name) = name.strip_suffix(';')
+            {
+                test_only.insert(name.to_owned());
+            }
+        }
+    }
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in files {
+        let rel = f.strip_prefix(src).unwrap().with_extension("");
+        let top = rel.iter().next().unwrap().to_string_lossy().into_owned();
+        if ["lib", "main"].contains(&top.as_str())
+            || rel
+                .iter()
+                .any(|c| test_only.contains(c.to_string_lossy().as_ref()))
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            for part in line.split("crate::").skip(1) {
+                let module: String = part
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+                    .collect();
+                if !module.is_empty() && module != top {
+                    graph.entry(top.clone()).or_default().insert(module);
+                }
+            }
+        }
+    }
+    graph
+}
+
+/// Modules depend on each other one way: no two modules of a crate import each other, directly
+/// or through others (each module can be read knowing only what it imports).
+#[test]
+fn no_module_import_circles_in_any_crate() {
+    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut circles = Vec::new();
+    for e in std::fs::read_dir(&crates).unwrap() {
+        let src = e.unwrap().path().join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        let graph = module_imports(&src);
+        for start in graph.keys() {
+            // Depth-first from each module: reaching it again is a circle.
+            let mut stack = vec![(start.clone(), vec![start.clone()])];
+            while let Some((at, path)) = stack.pop() {
+                for next in graph.get(&at).into_iter().flatten() {
+                    if next == start {
+                        circles.push(format!("{}: {}", src.display(), path.join(" -> ")));
+                    } else if !path.contains(next) && path.len() < 6 {
+                        let mut p = path.clone();
+                        p.push(next.clone());
+                        stack.push((next.clone(), p));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        circles.is_empty(),
+        "module import circles:\n{}",
+        circles.join("\n")
+    );
 }

@@ -371,3 +371,20 @@ pub(crate) fn merge_endpoints(
     }
     merged.into_values().collect()
 }
+
+impl ClusterState {
+    /// One service port's endpoints of one family, merged from its slices as the desired
+    /// state merges them (§3.3), with what selection reads.
+    pub fn endpoint_infos(
+        &self,
+        port: &ServicePortName,
+        family: crate::names::IpFamily,
+        node: &str,
+    ) -> Vec<crate::topology::EndpointInfo> {
+        let slices: Vec<&ParsedSlice> = self
+            .slices(&port.service)
+            .filter(|s| s.family == family)
+            .collect();
+        merge_endpoints(&slices, &port.port, port.protocol, node)
+    }
+}

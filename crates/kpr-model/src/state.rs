@@ -71,21 +71,6 @@ impl ClusterState {
             .flat_map(|s| s.values().map(Arc::as_ref))
     }
 
-    /// One service port's endpoints of one family, merged from its slices as the desired
-    /// state merges them (§3.3), with what selection reads.
-    pub fn endpoint_infos(
-        &self,
-        port: &ServicePortName,
-        family: crate::names::IpFamily,
-        node: &str,
-    ) -> Vec<crate::topology::EndpointInfo> {
-        let slices: Vec<&ParsedSlice> = self
-            .slices(&port.service)
-            .filter(|s| s.family == family)
-            .collect();
-        crate::desired::merge_endpoints(&slices, &port.port, port.protocol, node)
-    }
-
     /// Where a service port's endpoint addresses are: their zone and node, by IP.
     #[allow(clippy::type_complexity)]
     pub fn endpoint_places(

@@ -1,43 +1,14 @@
-//! Executors: the only code that changes the kernel's nftables. [`NftCli`] pipes a transaction's
-//! script into `nft -f -` (one invocation = one atomic kernel transaction); the [`Fake`] applies
-//! it in memory. Both implement [`Executor`].
+//! [`NftCli`]: an [`Executor`] that pipes a transaction's script into `nft -f -` (one
+//! invocation = one atomic kernel transaction), the reference the netlink executor is checked
+//! against.
 
-use crate::fake::{ApplyError, Fake};
+use crate::executor::Executor;
+use crate::fake::ApplyError;
 use crate::objects::{Family, Table};
 use crate::text;
 use crate::transaction::Transaction;
 use std::io::Write;
 use std::process::{Command, Stdio};
-
-/// Applies transactions atomically and answers whether a table is intact.
-pub trait Executor {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError>;
-    /// The table exists and `canary` (a chain that always has rules) still has them: neither
-    /// deleted nor flushed by someone else.
-    fn table_intact(&mut self, table: &Table, canary: &str) -> Result<bool, ApplyError>;
-}
-
-impl Executor for Fake {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
-        Fake::apply(self, tx)
-    }
-    fn table_intact(&mut self, table: &Table, canary: &str) -> Result<bool, ApplyError> {
-        Ok(!self.rules(table.family, &table.name, canary).is_empty())
-    }
-}
-
-/// An executor shared with the test that inspects it (a [`Fake`] the code under test applies
-/// to while the test reads its state).
-impl<E: Executor + ?Sized> Executor for std::sync::Arc<std::sync::Mutex<E>> {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
-        self.lock().unwrap_or_else(|e| e.into_inner()).apply(tx)
-    }
-    fn table_intact(&mut self, table: &Table, canary: &str) -> Result<bool, ApplyError> {
-        self.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .table_intact(table, canary)
-    }
-}
 
 /// Drives the `nft` binary, in this process's network namespace or (for tests) in a named one
 /// through `ip netns exec`.

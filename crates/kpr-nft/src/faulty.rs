@@ -7,7 +7,7 @@
 //! the real [`crate::Netlink`] in kernel tests. The test keeps a [`Faults`] handle (shared,
 //! cheap to clone) to choose faults while the executor is owned by the code under test.
 
-use crate::exec::Executor;
+use crate::executor::Executor;
 use crate::fake::ApplyError;
 use crate::objects::Table;
 use crate::refusal::Errno;

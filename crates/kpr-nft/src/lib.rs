@@ -10,6 +10,7 @@
 //! errors say in words what the kernel refused ([`refusal`]).
 
 pub mod exec;
+pub mod executor;
 pub mod fake;
 pub mod faulty;
 pub mod netlink;
@@ -18,7 +19,8 @@ pub mod refusal;
 pub mod text;
 pub mod transaction;
 
-pub use exec::{Executor, NftCli};
+pub use exec::NftCli;
+pub use executor::Executor;
 pub use fake::{ApplyError, Fake, normalize};
 pub use faulty::{Faults, Faulty};
 pub use netlink::Netlink;

@@ -391,3 +391,14 @@ pub fn script(tx: &Transaction) -> String {
     }
     out
 }
+
+impl Transaction {
+    /// The `nft` script line of operation `op` (to name what the kernel refused).
+    pub fn describe(&self, op: usize) -> String {
+        let one = Transaction {
+            table: self.table.clone(),
+            ops: self.ops.get(op).cloned().into_iter().collect(),
+        };
+        script(&one).trim_end().to_owned()
+    }
+}

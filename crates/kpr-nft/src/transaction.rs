@@ -50,13 +50,4 @@ impl Transaction {
     pub fn len(&self) -> usize {
         self.ops.len()
     }
-
-    /// The `nft` script line of operation `op` (to name what the kernel refused).
-    pub fn describe(&self, op: usize) -> String {
-        let one = Transaction {
-            table: self.table.clone(),
-            ops: self.ops.get(op).cloned().into_iter().collect(),
-        };
-        crate::text::script(&one).trim_end().to_owned()
-    }
 }

@@ -72,7 +72,11 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
 }
 
 /// Runs `kube-proxy-rs explain ARGS`.
-pub fn explain(args: &[String]) -> ExitCode {
+/// What a node would know, computed offline from the proxy's own configuration (the daemon's
+/// wiring supplies it: the state and the sync belong to the loop, not to this surface).
+pub type Offline = dyn Fn(&kpr_config::ProxyConfig) -> Result<super::Snapshot, (u8, String)>;
+
+pub fn explain(args: &[String], offline_state: &Offline) -> ExitCode {
     let a = match parse_args(args) {
         Ok(a) => a,
         Err(e) => {
@@ -90,7 +94,7 @@ pub fn explain(args: &[String]) -> ExitCode {
                 .any(|f| r.starts_with(f))
         });
     let result = if offline {
-        offline_answer(&a)
+        offline_answer(&a, offline_state)
     } else {
         live_answer(&a)
     };
@@ -137,29 +141,13 @@ fn live_answer(a: &Args) -> Result<String, (u8, String)> {
 }
 
 /// Computes offline: the objects from the source, the model, no kernel.
-fn offline_answer(a: &Args) -> Result<String, (u8, String)> {
+fn offline_answer(a: &Args, offline_state: &Offline) -> Result<String, (u8, String)> {
     let mut argv = vec!["kube-proxy-rs".to_owned()];
     argv.extend(a.rest.iter().cloned());
     let flags = Flags::try_parse_args(argv).map_err(|e| (2, e.to_string()))?;
     let resolved = resolve(&flags).map_err(|e| (2, e.to_string()))?;
     let proxy = &resolved.proxy;
-    let cfg = crate::app::sync_config(proxy).map_err(|e| (2, format!("{e:#}")))?;
-    let mut state = crate::sync::SyncState::new(cfg.clone());
-    let inputs = match &proxy.manifests {
-        Some(dir) => {
-            let (snapshot, problems) =
-                kpr_watch::load_dir(dir).map_err(|e| (1, format!("{}: {e}", dir.display())))?;
-            for p in problems {
-                eprintln!("explain: {p}");
-            }
-            snapshot.into_inputs()
-        }
-        None => list_from_api(proxy, &cfg.node_name).map_err(|e| (1, e))?,
-    };
-    for input in inputs {
-        state.record(input);
-    }
-    state.sync();
+    let snap = offline_state(proxy)?;
     let hub = Hub::new(Static {
         mode: proxy.mode.as_str(),
         masquerade_bit: proxy.masquerade_bit,
@@ -167,7 +155,6 @@ fn offline_answer(a: &Args) -> Result<String, (u8, String)> {
         localhost_node_ports: proxy.localhost_node_ports,
         configz: serde_json::Value::Null,
     });
-    let snap = state.debug_snapshot(0);
     let e = explain_in(&hub, &snap, &a.query).map_err(|e| (2, e))?;
     Ok(if a.json {
         format!("{}\n", serde_json::to_string_pretty(&e).unwrap_or_default())
@@ -177,7 +164,7 @@ fn offline_answer(a: &Args) -> Result<String, (u8, String)> {
 }
 
 /// Lists Services, EndpointSlices and this Node once from the API server.
-fn list_from_api(
+pub fn list_from_api(
     proxy: &kpr_config::ProxyConfig,
     node: &str,
 ) -> Result<Vec<kpr_model::Input>, String> {
@@ -216,6 +203,18 @@ fn list_from_api(
                     _ => {}
                 }
                 inputs.push(i);
+            }
+        })
+        .await;
+        // ServiceCIDRs (§4.8) are listed beside the others where the API server serves them;
+        // where it does not, nothing comes: wait a moment, not more.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(i) = rx.recv().await {
+                let done = matches!(i, Input::ServiceCidrs(Update::Keep(_)));
+                inputs.push(i);
+                if done {
+                    break;
+                }
             }
         })
         .await;

@@ -11,7 +11,7 @@ mod wire;
 
 pub use query::get_rules_request;
 
-use crate::exec::Executor;
+use crate::executor::Executor;
 use crate::fake::ApplyError;
 use crate::objects::{Family, Table};
 use crate::transaction::Transaction;
