@@ -5,16 +5,19 @@
 //! MET/MISSED, every cap and skip) and, for a default run, writes it into docs/benchmarks.md
 //! between the marker comments. Timings are printed, never asserted; correctness is (the rules
 //! exist, the Service answers). `--quick` runs tiny sizes so CI keeps the harness alive.
+//! The soak (issue 15, `--phases soak`, [`soak`]) runs on its own and writes its own section.
 //!
 //! Usage: `sudo kpr-bench [--quick] [--modes nftables,iptables] [--sizes 1000x10,...]
-//! [--phases library,daemon,dataplane] [--daemon PATH] [--docs PATH | --no-docs]
-//! [--budget SECS]`; `scripts/bench.sh [--quick]` builds and runs it.
+//! [--phases library,daemon,dataplane,soak] [--daemon PATH] [--docs PATH | --no-docs]
+//! [--budget SECS] [--soak-size NxE] [--soak-changes N] [--soak-churn N]`;
+//! `scripts/bench.sh [--quick]` builds and runs it.
 
 mod cluster;
 mod daemon;
 mod library;
 mod netns;
 mod report;
+mod soak;
 mod stats;
 mod traffic;
 
@@ -68,6 +71,11 @@ struct Options {
     library: bool,
     daemon: bool,
     dataplane: bool,
+    /// The soak: off unless asked for (`--phases soak`), a tiny one with `--quick`.
+    soak: bool,
+    soak_plan: soak::Plan,
+    /// `--modes` given (the full soak runs nftables mode only unless asked).
+    modes_given: bool,
     changes: usize,
     adds: usize,
     budget: Duration,
@@ -83,7 +91,7 @@ const IPT_SIZES: [(u32, u32); 3] = [(1_000, 10), (10_000, 1), (30_000, 1)];
 /// Why, printed with every default run.
 const IPT_CAP: &str = "capped: iptables mode (iptables-nft) at 10,000 and 30,000 Services is measured with 1 endpoint per Service, not 10 (data plane too): upstream's layout at 10,000 x 10 is 110,012 chains and 320,008 rules, and one iptables-nft-restore of it took 354 s on this machine (iptables-nft-save -t nat of it 215 s, then failed), so x 10 would take an hour, not 15 minutes; the kernel's nf_tables cost grows with the square of the chain count (20,012 chains: 5.7 s, 60,012: 53 s). For scale: iptables-legacy-restore of the same 10,000 x 10 input took 6.8 s";
 
-const USAGE: &str = "usage: kpr-bench [--quick] [--modes nftables,iptables] [--sizes NxE,...] [--phases library,daemon,dataplane] [--daemon PATH] [--docs PATH | --no-docs] [--budget SECS]";
+const USAGE: &str = "usage: kpr-bench [--quick] [--modes nftables,iptables] [--sizes NxE,...] [--phases library,daemon,dataplane,soak] [--daemon PATH] [--docs PATH | --no-docs] [--budget SECS] [--soak-size NxE] [--soak-changes N] [--soak-churn N]";
 
 fn parse() -> Result<Options, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -118,6 +126,13 @@ fn parse() -> Result<Options, String> {
         library: true,
         daemon: true,
         dataplane: true,
+        soak: quick,
+        soak_plan: if quick {
+            soak::Plan::quick()
+        } else {
+            soak::Plan::full()
+        },
+        modes_given: false,
         changes: if quick { 20 } else { 200 },
         adds: if quick { 10 } else { 50 },
         budget: Duration::from_secs(if quick { 10 } else { 60 }),
@@ -144,6 +159,7 @@ fn parse() -> Result<Options, String> {
                         _ => Err(format!("unknown mode {m}")),
                     })
                     .collect::<Result<_, _>>()?;
+                o.modes_given = true;
                 o.default_run = false;
             }
             "--sizes" => {
@@ -169,7 +185,25 @@ fn parse() -> Result<Options, String> {
                 o.library = p.contains("library");
                 o.daemon = p.contains("daemon");
                 o.dataplane = p.contains("dataplane");
+                o.soak = p.contains("soak");
                 o.default_run = false;
+            }
+            "--soak-size" => {
+                let v = value()?;
+                let (n, e) = v.split_once('x').ok_or(format!("soak size {v}: NxE"))?;
+                o.soak_plan.n = n.parse().map_err(|_| format!("soak size {v}"))?;
+                o.soak_plan.e = e.parse().map_err(|_| format!("soak size {v}"))?;
+                if o.soak_plan.n == 0 || !(1..=10).contains(&o.soak_plan.e) {
+                    return Err("soak size: N >= 1, 1 <= E <= 10".into());
+                }
+            }
+            "--soak-changes" => {
+                let v = value()?;
+                o.soak_plan.changes = v.parse().map_err(|_| format!("soak changes {v}"))?;
+            }
+            "--soak-churn" => {
+                let v = value()?;
+                o.soak_plan.churn = v.parse().map_err(|_| format!("soak churn {v}"))?;
             }
             "--daemon" => o.daemon_bin = PathBuf::from(value()?),
             "--docs" => docs_flag = Some(Some(PathBuf::from(value()?))),
@@ -183,9 +217,14 @@ fn parse() -> Result<Options, String> {
             _ => return Err(format!("unknown argument {a}\n{USAGE}")),
         }
     }
+    // A soak-only run of issue 15's sizes writes the soak's section.
+    let soak_run = o.soak
+        && !(o.library || o.daemon || o.dataplane)
+        && !quick
+        && o.soak_plan == soak::Plan::full();
     o.docs = match docs_flag {
         Some(d) => d,
-        None if o.default_run => Some(PathBuf::from(concat!(
+        None if o.default_run || soak_run => Some(PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../docs/benchmarks.md"
         ))),
@@ -229,23 +268,32 @@ fn main() {
         eprintln!("kpr-bench: FAILED (see the notes); docs not updated");
         std::process::exit(1);
     }
+    // A run with any of the first three phases writes the main section; a soak-only run
+    // the soak's.
+    let (begin, end) = if res.rows.is_empty() && res.dp.is_empty() {
+        (soak::BEGIN, soak::END)
+    } else {
+        (report::BEGIN, report::END)
+    };
     match &opts.docs {
         Some(path) => {
             let doc = std::fs::read_to_string(path).unwrap_or_default();
-            match report::splice(&doc, &text) {
+            match report::splice_at(&doc, begin, end, &text) {
                 Some(new) => match std::fs::write(path, new) {
                     Ok(()) => eprintln!("kpr-bench: wrote the tables into {}", path.display()),
                     Err(e) => eprintln!("kpr-bench: could not write {}: {e}", path.display()),
                 },
                 None => eprintln!(
-                    "kpr-bench: {} has no `{}` ... `{}` markers: not updated",
+                    "kpr-bench: {} has no `{begin}` ... `{end}` markers: not updated",
                     path.display(),
-                    report::BEGIN,
-                    report::END
                 ),
             }
         }
         None => eprintln!("kpr-bench: docs not updated (only a default run writes them)"),
+    }
+    if res.soak.iter().any(soak::Soak::leaked) {
+        eprintln!("kpr-bench: the soak found a leak or a difference (see its table and notes)");
+        std::process::exit(1);
     }
 }
 
@@ -263,17 +311,20 @@ fn run(o: &Options, started: Instant) -> Results {
         adds: o.adds,
         time: o.budget,
     };
-    if o.ipt_sizes.as_slice() == IPT_SIZES && o.modes.contains(&Mode::Iptables) {
+    if o.ipt_sizes.as_slice() == IPT_SIZES
+        && o.modes.contains(&Mode::Iptables)
+        && (o.library || o.daemon || o.dataplane)
+    {
         res.notes.push(IPT_CAP.into());
     }
     let daemon_ok = o.daemon_bin.is_file();
-    if o.daemon && !daemon_ok {
+    if (o.daemon || o.soak) && !daemon_ok {
         res.notes.push(format!(
-            "skipped: every daemon measurement: no binary at {} (cargo build --release -p kpr-daemon)",
+            "skipped: every daemon measurement (and the soak): no binary at {} (cargo build --release -p kpr-daemon)",
             o.daemon_bin.display()
         ));
     }
-    for &mode in &o.modes {
+    for &mode in o.modes.iter().filter(|_| o.library || o.daemon) {
         let extra = if mode == Mode::Nftables {
             o.nft_only.clone()
         } else {
@@ -366,6 +417,41 @@ fn run(o: &Options, started: Instant) -> Results {
                     rate.per_sec, rate.placement
                 );
                 res.dp.push(DpRow { mode, n, e, rate });
+            }
+            settle();
+        }
+    }
+    if o.soak && daemon_ok {
+        // nftables mode unless asked (iptables mode's takes five times as long), both when quick.
+        let modes = if o.modes_given || o.quick {
+            o.modes.clone()
+        } else {
+            vec![Mode::Nftables]
+        };
+        for mode in modes {
+            let p = &o.soak_plan;
+            eprintln!(
+                "== soak {}: {} x {}, {} changes, {} Services created and deleted",
+                mode.flag(),
+                p.n,
+                p.e,
+                p.changes,
+                p.churn
+            );
+            let t = Instant::now();
+            let what = format!("soak {}", mode.flag());
+            if let Some(s) = attempt(&what, &mut res, || soak::run(&o.daemon_bin, mode, p)) {
+                eprintln!(
+                    "   {} ({:?})",
+                    if s.leaked() {
+                        "LEAK OR DIFFERENCE FOUND"
+                    } else {
+                        "flat"
+                    },
+                    t.elapsed()
+                );
+                res.notes.extend(s.notes.iter().cloned());
+                res.soak.push(s);
             }
             settle();
         }

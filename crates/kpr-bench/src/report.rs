@@ -1,7 +1,8 @@
 //! What a run prints and writes: the environment (date, kernel, CPUs, tool versions, the
 //! commands to reproduce), the control-plane table (library and daemon columns per mode and
-//! size), the data-plane table, the issue's targets with MET/MISSED, and the notes (every cap
-//! and skip); and the generated part of docs/benchmarks.md, between its marker comments.
+//! size), the data-plane table, the issue's targets with MET/MISSED, the soak's tables (issue
+//! 15), and the notes (every cap and skip); and the generated parts of docs/benchmarks.md,
+//! between their marker comments.
 
 use crate::Mode;
 use crate::daemon::Daemon;
@@ -42,6 +43,7 @@ pub(crate) struct Results {
     pub(crate) command: String,
     pub(crate) rows: Vec<Row>,
     pub(crate) dp: Vec<DpRow>,
+    pub(crate) soak: Vec<crate::soak::Soak>,
     pub(crate) notes: Vec<String>,
     pub(crate) elapsed: Duration,
     /// A measurement panicked (its note says which).
@@ -328,6 +330,8 @@ pub(crate) fn render(res: &Results) -> String {
         env[0].1,
         if res.quick {
             "`--quick`"
+        } else if res.rows.is_empty() && res.dp.is_empty() && !res.soak.is_empty() {
+            "the soak"
         } else {
             "default sizes"
         },
@@ -337,12 +341,29 @@ pub(crate) fn render(res: &Results) -> String {
         let _ = writeln!(s, "- {k}: {v}");
     }
     let _ = writeln!(s, "- command: `{}`", res.command);
+    let args = res.command.strip_prefix("kpr-bench").unwrap_or("");
     let _ = writeln!(
         s,
-        "- reproduce: `./scripts/bench.sh{}` (or `cargo build --release -p kpr-bench -p kpr-daemon && sudo ./target/release/kpr-bench{}`)\n",
-        if res.quick { " --quick" } else { "" },
-        if res.quick { " --quick" } else { "" },
+        "- reproduce: `./scripts/bench.sh{args}` (or `cargo build --release -p kpr-bench -p kpr-daemon && sudo ./target/release/kpr-bench{args}`)\n",
     );
+    if !(res.rows.is_empty() && res.dp.is_empty()) {
+        main_sections(&mut s, res);
+    }
+    if !res.soak.is_empty() {
+        s.push_str("### Soak (issue 15)\n\n");
+        s.push_str(&crate::soak::render(&res.soak));
+    }
+    if !res.notes.is_empty() {
+        s.push_str("\n### Notes (caps and skips)\n\n");
+        for n in &res.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+/// The control-plane, debug-surface and data-plane tables and the targets.
+fn main_sections(s: &mut String, res: &Results) {
     s.push_str("### Control plane\n\n");
     s.push_str(&control_plane_table(&res.rows));
     s.push('\n');
@@ -356,20 +377,20 @@ pub(crate) fn render(res: &Results) -> String {
     for t in targets(res) {
         let _ = writeln!(s, "- {t}");
     }
-    if !res.notes.is_empty() {
-        s.push_str("\n### Notes (caps and skips)\n\n");
-        for n in &res.notes {
-            let _ = writeln!(s, "- {n}");
-        }
-    }
-    s
 }
 
-/// Replaces the text between the markers of `doc` with `body`; `None` without markers.
+/// Replaces the text between the default run's markers of `doc` with `body`; `None` without
+/// markers.
+#[cfg(test)]
 pub(crate) fn splice(doc: &str, body: &str) -> Option<String> {
-    let b = doc.find(BEGIN)?;
-    let e = doc[b..].find(END)? + b;
-    Some(format!("{}{BEGIN}\n{body}{}", &doc[..b], &doc[e..]))
+    splice_at(doc, BEGIN, END, body)
+}
+
+/// Replaces the text between markers `begin` and `end` of `doc` with `body`.
+pub(crate) fn splice_at(doc: &str, begin: &str, end: &str, body: &str) -> Option<String> {
+    let b = doc.find(begin)?;
+    let e = doc[b..].find(end)? + b;
+    Some(format!("{}{begin}\n{body}{}", &doc[..b], &doc[e..]))
 }
 
 #[cfg(test)]
