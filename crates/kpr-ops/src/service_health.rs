@@ -11,8 +11,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 /// One Service's entry: namespace, name, local ready endpoint count.
@@ -25,8 +25,10 @@ pub struct Wanted {
 
 #[derive(Debug)]
 struct Running {
-    namespace: String,
-    name: String,
+    /// The Service it answers for (namespace, name): a port that passes from a deleted
+    /// Service to a new one in one sync keeps its listeners and changes only this, since
+    /// binding it again before the old listeners are gone would fail.
+    service: Arc<RwLock<(String, String)>>,
     count: Arc<AtomicUsize>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
@@ -88,24 +90,26 @@ impl ServiceHealth {
     pub fn sync(&mut self, wanted: &BTreeMap<u16, Wanted>, addrs: &[IpAddr]) {
         let stale: Vec<u16> = self
             .running
-            .iter()
-            .filter(|(port, r)| {
-                wanted
-                    .get(port)
-                    .is_none_or(|w| w.namespace != r.namespace || w.name != r.name)
-            })
-            .map(|(p, _)| *p)
+            .keys()
+            .filter(|port| !wanted.contains_key(port))
+            .copied()
             .collect();
         for port in stale {
             if let Some(r) = self.running.remove(&port) {
                 for stop in r.stops {
                     let _ = stop.send(());
                 }
-                tracing::debug!(port, service = %format!("{}/{}", r.namespace, r.name), "Closed healthCheckNodePort");
+                let (ns, name) = r.service.read().unwrap_or_else(|e| e.into_inner()).clone();
+                tracing::debug!(port, service = %format!("{ns}/{name}"), "Closed healthCheckNodePort");
             }
         }
         for (port, w) in wanted {
             if let Some(r) = self.running.get(port) {
+                let mut service = r.service.write().unwrap_or_else(|e| e.into_inner());
+                if service.0 != w.namespace || service.1 != w.name {
+                    tracing::debug!(port, service = %format!("{}/{}", w.namespace, w.name), "healthCheckNodePort passed to another Service");
+                    *service = (w.namespace.clone(), w.name.clone());
+                }
                 r.count.store(w.local_endpoints, Ordering::Relaxed);
                 continue;
             }
@@ -127,18 +131,18 @@ impl ServiceHealth {
 
     fn start(&self, port: u16, w: &Wanted, addrs: &[IpAddr]) -> std::io::Result<Running> {
         let count = Arc::new(AtomicUsize::new(w.local_endpoints));
+        let service = Arc::new(RwLock::new((w.namespace.clone(), w.name.clone())));
         let mut listeners = Vec::new();
         for ip in addrs {
             listeners.push(crate::listen::bind(SocketAddr::new(*ip, port))?);
         }
         let mut stops = Vec::new();
         for listener in listeners {
-            let (ns, name) = (w.namespace.clone(), w.name.clone());
-            let (count, health) = (count.clone(), self.health.clone());
+            let (service, count, health) = (service.clone(), count.clone(), self.health.clone());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let app = axum::Router::new().fallback(move || {
-                let (ns, name, count, health) =
-                    (ns.clone(), name.clone(), count.clone(), health.clone());
+                let (ns, name) = service.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let (count, health) = (count.clone(), health.clone());
                 async move { respond(&ns, &name, count.load(Ordering::Relaxed), &health) }
             });
             let stopped = async {
@@ -154,8 +158,7 @@ impl ServiceHealth {
         }
         tracing::debug!(port, service = %format!("{}/{}", w.namespace, w.name), "Opened healthCheckNodePort");
         Ok(Running {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
+            service,
             count,
             stops,
         })
@@ -196,5 +199,59 @@ mod tests {
             "{\n\t\"service\": {\n\t\t\"namespace\": \"ns\",\n\t\t\"name\": \"web\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
         );
         assert!(body("a\"b", "c\\d", 0, false).contains(r#""namespace": "a\"b","#));
+    }
+
+    fn get(port: u16) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// A healthCheckNodePort that passes from a deleted Service to a new one in one sync is
+    /// served at once for the new one (binding it again right after stopping the old server
+    /// failed until the next sync).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_port_passed_to_another_service_in_one_sync_keeps_serving() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let health = Health::new(crate::health::HealthModel::new(
+            &["IPv4"],
+            SystemTime::now(),
+            std::time::Duration::from_secs(60),
+        ));
+        let mut servers = ServiceHealth::new(health);
+        let addrs = ["127.0.0.1".parse().unwrap()];
+        let wanted = |name: &str, n| {
+            let w = Wanted {
+                namespace: "ns".into(),
+                name: name.into(),
+                local_endpoints: n,
+            };
+            BTreeMap::from([(port, w)])
+        };
+        servers.sync(&wanted("old", 1), &addrs);
+        let r = tokio::task::spawn_blocking(move || get(port))
+            .await
+            .unwrap();
+        assert!(
+            r.contains("\"old\"") && r.starts_with("HTTP/1.1 200"),
+            "{r}"
+        );
+        servers.sync(&wanted("new", 2), &addrs);
+        assert_eq!(servers.ports(), [port]);
+        let r = tokio::task::spawn_blocking(move || get(port))
+            .await
+            .unwrap();
+        assert!(
+            r.contains("\"new\"") && r.contains("\"localEndpoints\": 2"),
+            "{r}"
+        );
+        servers.sync(&BTreeMap::new(), &addrs);
+        assert!(servers.ports().is_empty());
     }
 }
