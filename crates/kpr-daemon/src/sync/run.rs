@@ -18,6 +18,10 @@ pub async fn run(
     reports: mpsc::UnboundedSender<SyncReport>,
 ) -> SyncState {
     let mut last_sync: Option<Instant> = None;
+    // The last sync that wrote to the kernel (or failed): `minSyncPeriod` counts from it. A
+    // periodic sync that found nothing to do does not start the window, so it never delays
+    // the change that comes right after it.
+    let mut last_write: Option<Instant> = None;
     let mut retry_delay = Duration::ZERO;
     let mut periodic = tokio::time::interval_at(
         Instant::now() + state.cfg.sync_period,
@@ -48,7 +52,7 @@ pub async fn run(
     loop {
         let due = if state.pending() {
             let min = state.cfg.min_sync_period.max(retry_delay);
-            Some(last_sync.map_or_else(Instant::now, |t| t + min))
+            Some(last_write.map_or_else(Instant::now, |t| t + min))
         } else {
             None
         };
@@ -65,7 +69,7 @@ pub async fn run(
                         m.rules_repaired.inc();
                     }
                     state.force_full();
-                    last_sync = None;
+                    (last_sync, last_write) = (None, None);
                 }
                 // The check lists a chain through `nft`, whose cost grows with the table (80 ms
                 // at 10,000 Services): keep it under a tenth of the time.
@@ -101,7 +105,7 @@ pub async fn run(
                 // Services): keep it under a tenth of the time.
                 next_drift = Instant::now() + drift_every.max(took * 10);
                 if state.drift_found(generation == kernel_gen, found, &mut drift) {
-                    last_sync = None;
+                    (last_sync, last_write) = (None, None);
                 }
             }
             input = inputs.recv() => match input {
@@ -135,8 +139,14 @@ pub async fn run(
                 let report = state.sync();
                 last_sync = Some(Instant::now());
                 last_ok = matches!(report.applied, None | Some(Ok(_)));
-                if !matches!(&report.applied, Some(Ok(a)) if a.families.is_empty()) {
+                let wrote = match &report.applied {
+                    Some(Ok(a)) => !a.families.is_empty(),
+                    Some(Err(_)) => true,
+                    None => !report.plan.is_empty(),
+                };
+                if wrote {
                     kernel_gen += 1;
+                    last_write = last_sync;
                 }
                 retry_delay = match &report.applied {
                     Some(Err(_)) => (retry_delay * 2).clamp(Duration::from_secs(1), state.cfg.sync_period),

@@ -237,3 +237,59 @@ fn drift_is_counted_and_resynced_once_per_set_of_differences() {
     assert!(!state.drift_found(true, Drift::Unavailable("no nft".into()), &mut check));
     assert!(check.off);
 }
+
+/// Issue 16: a periodic sync that finds nothing to do does not start the `minSyncPeriod`
+/// window, so a change right after it is synced at once (it waited up to a second behind it);
+/// a sync that wrote something still keeps the next one `minSyncPeriod` away.
+#[tokio::test(start_paused = true)]
+async fn a_periodic_sync_that_changes_nothing_never_delays_the_next_change() {
+    let fake = std::sync::Arc::new(std::sync::Mutex::new(kpr_nft::Fake::default()));
+    let plane = Dataplane::new(
+        Box::new(fake.clone()),
+        14,
+        kpr_config::NodePortAddresses::Default,
+    );
+    let state = SyncState::new(cfg()).with_dataplane(plane);
+    let (tx, rx) = mpsc::channel(16);
+    let (_stop, shutdown) = watch::channel(false);
+    let (rtx, mut reports) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run(state, rx, shutdown, rtx));
+    tx.send(Input::Services(Update::Replace(vec![svc(1)])))
+        .await
+        .unwrap();
+    tx.send(Input::Slices(Update::Replace(vec![])))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(reports.try_recv().unwrap().plan.full, "the first sync");
+    // The periodic sync at 30 s writes nothing.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let periodic = reports.try_recv().unwrap();
+    assert!(periodic.plan.is_empty(), "{:?}", periodic.plan);
+    // A change 10 ms later is synced at once, not a second after the periodic sync.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let at = tokio::time::Instant::now();
+    tx.send(Input::Services(Update::Apply(svc(2))))
+        .await
+        .unwrap();
+    let changed = reports.recv().await.unwrap();
+    assert!(changed.plan.changed_services.len() == 1);
+    assert!(
+        at.elapsed() < Duration::from_millis(5),
+        "{:?}",
+        at.elapsed()
+    );
+    // That one wrote: the next change waits out minSyncPeriod after it.
+    let at = tokio::time::Instant::now();
+    tx.send(Input::Services(Update::Apply(svc(3))))
+        .await
+        .unwrap();
+    reports.recv().await.unwrap();
+    assert!(
+        at.elapsed() >= Duration::from_millis(990),
+        "{:?}",
+        at.elapsed()
+    );
+    drop(tx);
+    task.await.unwrap();
+}
