@@ -388,15 +388,22 @@ async fn services(
             .collect(),
     );
     const CHUNK: usize = 256;
+    // Each chunk is serialized on a blocking thread (idle priority in the daemon), never on
+    // the server's own.
     let chunks = futures_util::stream::unfold(0usize, move |i| {
-        let out = (i <= keys.len()).then(|| {
-            let end = (i + CHUNK).min(keys.len());
-            let chunk = services_chunk(&snap, &keys, i, end);
+        let (snap, keys) = (snap.clone(), keys.clone());
+        async move {
+            if i > keys.len() {
+                return None;
+            }
+            let (len, end) = (keys.len(), (i + CHUNK).min(keys.len()));
+            let chunk = tokio::task::spawn_blocking(move || services_chunk(&snap, &keys, i, end))
+                .await
+                .unwrap_or_default();
             // After the chunk that closes the array, the stream ends.
-            let next = if end == keys.len() { end + 1 } else { end };
-            (Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), next)
-        });
-        std::future::ready(out)
+            let next = if end == len { end + 1 } else { end };
+            Some((Ok::<_, std::convert::Infallible>(Bytes::from(chunk)), next))
+        }
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
