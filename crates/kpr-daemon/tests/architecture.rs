@@ -98,6 +98,25 @@ fn only_the_daemon_wires_crates_together() {
             );
         }
     }
+    // What ships (crates/) never needs a dev-only crate (dev/: the test API server, the
+    // benchmarks, the test kit) to build.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let names = |dir: &str| -> BTreeSet<String> {
+        std::fs::read_dir(root.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let dev = names("dev");
+    assert!(dev.contains("kpr-testkit") && dev.contains("kpr-apiserver"));
+    for shipped in names("crates") {
+        for d in &deps[&shipped] {
+            assert!(
+                !dev.contains(d),
+                "{shipped} ships but depends on the dev-only {d}"
+            );
+        }
+    }
     assert!(
         !deps["kpr-config"].iter().any(|d| d.starts_with("kpr-")),
         "config is a leaf"
@@ -166,9 +185,10 @@ fn module_imports(src: &std::path::Path) -> BTreeMap<String, BTreeSet<String>> {
 /// or through others (each module can be read knowing only what it imports).
 #[test]
 fn no_module_import_circles_in_any_crate() {
-    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut circles = Vec::new();
-    for e in std::fs::read_dir(&crates).unwrap() {
+    let dirs = ["crates", "dev"].map(|d| std::fs::read_dir(root.join(d)).unwrap());
+    for e in dirs.into_iter().flatten() {
         let src = e.unwrap().path().join("src");
         if !src.is_dir() {
             continue;
