@@ -153,6 +153,8 @@ impl Shared {
 struct PortRecord {
     sp: Arc<ServicePortDesired>,
     slot: Option<u32>,
+    /// [`home`] of its name, kept so adding a port does not hash every other one again.
+    home: u32,
     /// Element keys another port owns, left out of this port's objects.
     lost: Vec<(String, Key)>,
 }
@@ -242,14 +244,13 @@ pub fn render(
         .iter()
         .any(|n| fam.ports.contains_key(n) != next.ports.contains_key(n))
     {
-        let slots = assign_slots(fam.ports.keys(), cfg.endpoint_slots);
-        todo.extend(
-            fam.ports
-                .keys()
-                .filter(|n| next.slots.get(*n) != slots.get(*n))
-                .cloned(),
+        reassign_slots(
+            fam,
+            cfg.endpoint_slots,
+            next,
+            &plan.changed_ports,
+            &mut todo,
         );
-        next.slots = slots;
     }
     // Every port in the plan lets go of its objects before any claims its new ones, so an
     // element or slot can pass from one port to another in one sync.
@@ -301,6 +302,7 @@ pub fn render(
                 PortRecord {
                     sp: sp.clone(),
                     slot,
+                    home: home(name),
                     lost,
                 },
             );
@@ -510,6 +512,7 @@ fn render_full_with(
             PortRecord {
                 sp: sp.clone(),
                 slot,
+                home: home(name),
                 lost,
             },
         );
@@ -674,20 +677,100 @@ fn assign_slots<'a>(
     names: impl Iterator<Item = &'a ServicePortName>,
     slots: u32,
 ) -> BTreeMap<ServicePortName, u32> {
-    let slots = slots.min(SLOTS);
-    let mut taken = std::collections::HashSet::new();
+    let mut taken = Taken::new(slots);
     let mut out = BTreeMap::new();
     for name in names {
-        if taken.len() >= slots as usize {
+        let Some(slot) = taken.claim(home(name)) else {
             break;
-        }
-        let mut slot = naming::hash32(&naming::service_base(name)) % slots;
-        while !taken.insert(slot) {
-            slot = (slot + 1) % slots;
-        }
+        };
         out.insert(name.clone(), slot);
     }
     out
+}
+
+/// A port's home slot before probing, before `% slots`: a hash of its name.
+fn home(name: &ServicePortName) -> u32 {
+    naming::hash32(&naming::service_base(name))
+}
+
+/// The slots taken so far by linear probing (a bit per slot).
+struct Taken {
+    bits: Vec<u64>,
+    slots: u32,
+    count: u32,
+}
+
+impl Taken {
+    fn new(slots: u32) -> Taken {
+        let slots = slots.min(SLOTS);
+        Taken {
+            bits: vec![0; (slots as usize).div_ceil(64)],
+            slots,
+            count: 0,
+        }
+    }
+
+    /// The first free slot from `home % slots` on, now taken; `None` once all are taken.
+    fn claim(&mut self, home: u32) -> Option<u32> {
+        if self.count >= self.slots {
+            return None;
+        }
+        let mut slot = home % self.slots;
+        while self.bits[slot as usize / 64] & (1 << (slot % 64)) != 0 {
+            slot = (slot + 1) % self.slots;
+        }
+        self.bits[slot as usize / 64] |= 1 << (slot % 64);
+        self.count += 1;
+        Some(slot)
+    }
+}
+
+/// [`assign_slots`] again after ports were added or removed, updating `next.slots` in place
+/// and adding every port whose slot moved to `todo`: one pass over the names in order beside
+/// the committed records, whose homes are kept, so only the new ports' names are hashed.
+fn reassign_slots(
+    fam: &FamilyDesired,
+    slots: u32,
+    next: &mut Rendered,
+    changed: &std::collections::BTreeSet<ServicePortName>,
+    todo: &mut std::collections::BTreeSet<ServicePortName>,
+) {
+    let mut taken = Taken::new(slots);
+    let mut records = next.ports.iter().peekable();
+    let mut assigned = Vec::new();
+    for name in fam.ports.keys() {
+        while records.next_if(|(n, _)| *n < name).is_some() {}
+        let h = match records.peek() {
+            Some((n, r)) if *n == name => r.home,
+            _ => home(name),
+        };
+        let Some(slot) = taken.claim(h) else {
+            break;
+        };
+        if next.slots.get(name) != Some(&slot) {
+            assigned.push((name.clone(), slot));
+        }
+    }
+    let full = taken.count >= taken.slots;
+    for (name, slot) in assigned {
+        todo.insert(name.clone());
+        next.slots.insert(name, slot);
+    }
+    // Ports gone (every one is in the plan), and (only when every slot is taken) ports left
+    // without one.
+    for gone in changed.iter().filter(|n| !fam.ports.contains_key(*n)) {
+        next.slots.remove(gone);
+    }
+    if full {
+        let kept = assign_slots(fam.ports.keys(), slots);
+        todo.extend(
+            next.slots
+                .keys()
+                .filter(|n| !kept.contains_key(*n))
+                .cloned(),
+        );
+        next.slots = kept;
+    }
 }
 
 /// Whether anything uses the Local set: ITP=Local, or external frontends with ETP=Local.
