@@ -14,6 +14,7 @@ use std::os::unix::ffi::OsStringExt;
 
 use clap::CommandFactory;
 use kpr_config::{Flags, GoDuration, ProxyConfig, decode, load, resolve_with, to_yaml, validate};
+use kpr_testkit::mutate::{Mutation, mutate, mutations};
 use proptest::prelude::*;
 
 const HEADER: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
@@ -80,21 +81,6 @@ fn config_flags() -> Flags {
     Flags::try_parse_args(["kube-proxy-rs", "--config", "/etc/kube-proxy/config.yaml"]).unwrap()
 }
 
-/// One change to a document's bytes or lines. Positions are taken modulo the length.
-#[derive(Debug, Clone)]
-enum Mutation {
-    FlipBit(usize, u8),
-    SetByte(usize, u8),
-    Insert(usize, Vec<u8>),
-    Delete(usize, usize),
-    Truncate(usize),
-    DuplicateLine(usize),
-    DeleteLine(usize),
-    SwapLines(usize, usize),
-    /// `key: value` becomes `key: <odd scalar>` (a line without a colon gets it appended).
-    ReplaceValue(usize, String),
-}
-
 /// Bytes that mean something to YAML or JSON.
 #[rustfmt::skip]
 const TOKENS: &[&str] = &[
@@ -116,80 +102,8 @@ const ODD_VALUES: &[&str] = &[
     "\"unterminated", "|", ">-", "? x", "- - -",
 ];
 
-fn any_mutation() -> impl Strategy<Value = Mutation> {
-    let at = any::<usize>();
-    prop_oneof![
-        1 => (at, 0u8..8).prop_map(|(i, b)| Mutation::FlipBit(i, b)),
-        1 => (at, any::<u8>()).prop_map(|(i, b)| Mutation::SetByte(i, b)),
-        2 => (at, inserted()).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        1 => (at, 1usize..16).prop_map(|(i, n)| Mutation::Delete(i, n)),
-        1 => at.prop_map(Mutation::Truncate),
-        1 => at.prop_map(Mutation::DuplicateLine),
-        1 => at.prop_map(Mutation::DeleteLine),
-        1 => (at, at).prop_map(|(a, b)| Mutation::SwapLines(a, b)),
-        3 => (at, prop::sample::select(ODD_VALUES))
-            .prop_map(|(i, v)| Mutation::ReplaceValue(i, v.to_owned())),
-    ]
-}
-
-/// A token that means something to YAML or JSON, or a few random bytes.
-fn inserted() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        prop::sample::select(TOKENS).prop_map(|t| t.as_bytes().to_vec()),
-        prop::collection::vec(any::<u8>(), 1..6),
-    ]
-}
-
-fn mutate(doc: &mut Vec<u8>, m: &Mutation) {
-    let len = doc.len();
-    match m {
-        Mutation::FlipBit(i, b) if len > 0 => doc[i % len] ^= 1 << b,
-        Mutation::SetByte(i, v) if len > 0 => doc[i % len] = *v,
-        Mutation::Insert(i, bytes) => {
-            let at = i % (len + 1);
-            doc.splice(at..at, bytes.iter().copied());
-        }
-        Mutation::Delete(i, n) if len > 0 => {
-            let at = i % len;
-            doc.drain(at..(at + n).min(len));
-        }
-        Mutation::Truncate(i) => doc.truncate(i % (len + 1)),
-        Mutation::DuplicateLine(i) | Mutation::DeleteLine(i) | Mutation::ReplaceValue(i, _) => {
-            let mut lines = split_lines(doc);
-            if lines.is_empty() {
-                return;
-            }
-            let at = i % lines.len();
-            match m {
-                Mutation::DuplicateLine(_) => lines.insert(at, lines[at].clone()),
-                Mutation::DeleteLine(_) => {
-                    lines.remove(at);
-                }
-                Mutation::ReplaceValue(_, value) => {
-                    let line = &mut lines[at];
-                    let colon = line.iter().position(|b| *b == b':').unwrap_or(line.len());
-                    line.truncate(colon);
-                    line.extend_from_slice(b": ");
-                    line.extend_from_slice(value.as_bytes());
-                }
-                _ => unreachable!(),
-            }
-            *doc = lines.join(&b'\n');
-        }
-        Mutation::SwapLines(a, b) => {
-            let mut lines = split_lines(doc);
-            if !lines.is_empty() {
-                let n = lines.len();
-                lines.swap(a % n, b % n);
-                *doc = lines.join(&b'\n');
-            }
-        }
-        _ => {}
-    }
-}
-
-fn split_lines(doc: &[u8]) -> Vec<Vec<u8>> {
-    doc.split(|b| *b == b'\n').map(<[u8]>::to_vec).collect()
+fn any_mutation() -> BoxedStrategy<Mutation> {
+    mutations(TOKENS, ODD_VALUES)
 }
 
 /// A seed with 1-4 mutations applied, as text (a file that is not UTF-8 fails to read before

@@ -436,4 +436,6 @@ pub use run::{DRIFT_MAX_PORTS, DRIFT_MIN_INTERVAL, FULL_SYNC_PERIOD, REPAIR_INTE
 mod refusals;
 
 #[cfg(test)]
+pub(crate) mod fixtures;
+#[cfg(test)]
 mod tests;

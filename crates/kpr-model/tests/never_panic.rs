@@ -18,6 +18,7 @@ use kpr_model::{
     DesiredState, EndpointSlice, Input, IpFamily, Node, ObjectKey, Protocol, Service, Trackers,
     Update, desired, update_desired,
 };
+use kpr_testkit::mutate::{Mutation, mutate, mutations};
 use kpr_testkit::{CLUSTER_CIDR, NODE, NODE_IP, NODE_IP6, POD, odd};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -288,16 +289,6 @@ fn decode_all(bytes: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// One change to an object's bytes. Positions are taken modulo the length.
-#[derive(Debug, Clone)]
-enum Mutation {
-    FlipBit(usize, u8),
-    SetByte(usize, u8),
-    Insert(usize, Vec<u8>),
-    Delete(usize, usize),
-    Truncate(usize),
-}
-
 /// Bytes that mean something to JSON.
 #[rustfmt::skip]
 const TOKENS: &[&str] = &[
@@ -305,37 +296,9 @@ const TOKENS: &[&str] = &[
     "e", "\0", "\u{feff}", " ", "\n", "é",
 ];
 
-fn any_mutation() -> impl Strategy<Value = Mutation> {
-    let at = any::<usize>();
-    let inserted = prop_oneof![
-        prop::sample::select(TOKENS).prop_map(|t| t.as_bytes().to_vec()),
-        prop::collection::vec(any::<u8>(), 1..6),
-    ];
-    prop_oneof![
-        (at, 0u8..8).prop_map(|(i, b)| Mutation::FlipBit(i, b)),
-        (at, any::<u8>()).prop_map(|(i, b)| Mutation::SetByte(i, b)),
-        (at, inserted).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        (at, 1usize..16).prop_map(|(i, n)| Mutation::Delete(i, n)),
-        at.prop_map(Mutation::Truncate),
-    ]
-}
-
-fn mutate(doc: &mut Vec<u8>, m: &Mutation) {
-    let len = doc.len();
-    match m {
-        Mutation::FlipBit(i, b) if len > 0 => doc[i % len] ^= 1 << b,
-        Mutation::SetByte(i, v) if len > 0 => doc[i % len] = *v,
-        Mutation::Insert(i, bytes) => {
-            let at = i % (len + 1);
-            doc.splice(at..at, bytes.iter().copied());
-        }
-        Mutation::Delete(i, n) if len > 0 => {
-            let at = i % len;
-            doc.drain(at..(at + n).min(len));
-        }
-        Mutation::Truncate(i) => doc.truncate(i % (len + 1)),
-        _ => {}
-    }
+/// Byte changes only: lines mean nothing to JSON.
+fn any_mutation() -> BoxedStrategy<Mutation> {
+    mutations(TOKENS, &[])
 }
 
 /// JSON text no `Value` holds: numbers past i64/u64/f64, lone surrogates, deep nesting.

@@ -8,6 +8,7 @@
 
 pub mod build;
 pub mod lab;
+pub mod mutate;
 pub mod odd;
 
 pub use build::{NodeBuilder, ServiceBuilder, SliceBuilder, node, service, service_cidr, slice};

@@ -8,7 +8,6 @@
 
 use super::*;
 use crate::sync::{SyncConfig, SyncState};
-use kpr_model::node::DetectLocalMode;
 use kpr_model::{Input, Update};
 use kpr_nft::{Errno, Faulty, Netlink, normalize};
 use kpr_testkit::lab::Lab;
@@ -16,15 +15,7 @@ use kpr_testkit::{NODE, service, slice};
 use std::sync::Arc;
 
 fn cfg() -> SyncConfig {
-    SyncConfig {
-        node_name: NODE.into(),
-        masquerade_all: false,
-        detect_local: DetectLocalMode::ClusterCidr(vec![]),
-        bind_address: None,
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(30),
-        wait_for_node: false,
-    }
+    crate::sync::fixtures::config(Duration::ZERO)
 }
 
 fn services(n: u32) -> [Input; 2] {

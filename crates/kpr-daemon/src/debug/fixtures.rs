@@ -28,15 +28,10 @@ pub(crate) fn hub() -> Arc<Hub> {
 /// The loop's configuration for node `kpr_testkit::NODE`, pods in `cluster_cidrs`.
 pub(crate) fn sync_config(cluster_cidrs: &[&str]) -> SyncConfig {
     SyncConfig {
-        node_name: kpr_testkit::NODE.into(),
-        masquerade_all: false,
         detect_local: DetectLocalMode::ClusterCidr(
             cluster_cidrs.iter().map(|c| c.parse().unwrap()).collect(),
         ),
-        bind_address: None,
-        min_sync_period: Duration::ZERO,
-        sync_period: Duration::from_secs(30),
-        wait_for_node: false,
+        ..crate::sync::fixtures::config(Duration::ZERO)
     }
 }
 

@@ -14,30 +14,20 @@ use kpr_nft::{Errno, Fake, Faults, Faulty, Op};
 use kpr_ops::health::{HealthModel, Probe};
 use kpr_ops::metrics::Metrics;
 use kpr_ops::server::Health;
-use kpr_testkit::{NODE, service, slice};
+use kpr_testkit::{NODE, slice};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::{mpsc, watch};
 
 const SYNC_PERIOD: Duration = Duration::from_secs(30);
 
+use super::fixtures::svc;
+
 fn cfg() -> SyncConfig {
     SyncConfig {
-        node_name: NODE.into(),
-        masquerade_all: false,
-        detect_local: DetectLocalMode::ClusterCidr(vec![]),
-        bind_address: None,
-        min_sync_period: Duration::from_secs(1),
         sync_period: SYNC_PERIOD,
-        wait_for_node: false,
+        ..super::fixtures::config(Duration::from_secs(1))
     }
-}
-
-fn svc(i: u32) -> kpr_model::Service {
-    service("ns", &format!("s{i}"))
-        .cluster_ip(&format!("172.30.{}.{}", i / 250, i % 250 + 1))
-        .port("p", 80, "TCP")
-        .build()
 }
 
 fn endpoints(i: u32) -> kpr_model::EndpointSlice {

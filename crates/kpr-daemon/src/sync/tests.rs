@@ -2,26 +2,13 @@
 
 use super::run::DriftCheck;
 use super::*;
-use kpr_testkit::{NODE, service};
+use kpr_testkit::NODE;
 use tokio::sync::{mpsc, watch};
 
-fn cfg() -> SyncConfig {
-    SyncConfig {
-        node_name: NODE.into(),
-        masquerade_all: false,
-        detect_local: DetectLocalMode::ClusterCidr(vec![]),
-        bind_address: None,
-        min_sync_period: Duration::from_secs(1),
-        sync_period: Duration::from_secs(30),
-        wait_for_node: false,
-    }
-}
+use super::fixtures::svc;
 
-fn svc(i: u32) -> kpr_model::Service {
-    service("ns", &format!("s{i}"))
-        .cluster_ip(&format!("172.30.{}.{}", i / 250, i % 250 + 1))
-        .port("p", 80, "TCP")
-        .build()
+fn cfg() -> SyncConfig {
+    super::fixtures::config(Duration::from_secs(1))
 }
 
 /// §2.1 step 11 (T2.1.1, T2.1.2): no sync until both lists arrived, then exactly one.
