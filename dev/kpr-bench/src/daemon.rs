@@ -64,17 +64,7 @@ pub(crate) fn measure(
         "ip link add kb-node type veth peer name kb-peer && ip addr add {}/24 dev kb-node && ip link set kb-node up && ip link set kb-peer up",
         cluster::NODE_IP
     ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let mut api = rt
-        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
-            netns: Some(ns.name().to_owned()),
-            ..Default::default()
-        }))
-        .expect("the test API server starts");
+    let (rt, mut api) = api_server(&ns);
     api.apply(cluster::node());
     for i in 0..n {
         api.apply(cluster::service(i));
@@ -403,8 +393,24 @@ impl Client {
     }
 }
 
+/// The test API server on 127.0.0.1 of `ns`, and the runtime it runs on.
+pub(crate) fn api_server(ns: &Netns) -> (tokio::runtime::Runtime, kpr_apiserver::ApiServer) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let api = rt
+        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
+            netns: Some(ns.name().to_owned()),
+            ..Default::default()
+        }))
+        .expect("the test API server starts");
+    (rt, api)
+}
+
 /// `key=123` in a klog line.
-fn field(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn field(line: &str, key: &str) -> Option<u64> {
     let at = line.find(&format!(" {key}="))? + key.len() + 2;
     let v: String = line[at..]
         .chars()

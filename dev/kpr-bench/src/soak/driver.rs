@@ -53,7 +53,7 @@ pub(super) fn read_log(
                     l.full += 1;
                 }
             } else if line.contains("Deleted stale UDP conntrack flows") {
-                l.ct_deleted += field(&line, "deleted").unwrap_or(0);
+                l.ct_deleted += crate::daemon::field(&line, "deleted").unwrap_or(0);
             } else if line.starts_with(['E', 'F', 'W']) && l.synced > 0 {
                 // After the first sync (startup warnings are about the namespace: sysctls).
                 let at = line
@@ -71,17 +71,6 @@ pub(super) fn read_log(
         }
         let _ = file.flush();
     })
-}
-
-/// `key=123` in a klog line.
-fn field(line: &str, key: &str) -> Option<u64> {
-    let at = line.find(&format!(" {key}="))? + key.len() + 2;
-    let v: String = line[at..]
-        .chars()
-        .skip_while(|c| *c == '"')
-        .take_while(char::is_ascii_digit)
-        .collect();
-    v.parse().ok()
 }
 
 /// Writes to the API server, paced on the daemon's syncs; samples.

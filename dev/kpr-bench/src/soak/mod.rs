@@ -147,17 +147,7 @@ pub(crate) fn run(bin: &Path, mode: Mode, plan: &Plan) -> Soak {
          && ip route add 10.0.0.0/8 via 192.168.0.1 dev kb-node",
         cluster::NODE_IP
     ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let mut api = rt
-        .block_on(kpr_apiserver::ApiServer::start(kpr_apiserver::Options {
-            netns: Some(ns.name().to_owned()),
-            ..Default::default()
-        }))
-        .expect("the test API server starts");
+    let (rt, mut api) = crate::daemon::api_server(&ns);
     let seed = 0x5eed_0015 ^ u64::from(plan.n);
     let world = World::new(plan.n, plan.e, seed);
     api.apply(cluster::node());
