@@ -116,6 +116,11 @@ fn everything(family: Family) -> Transaction {
         key: KeyType::Bucket(L4Proto::Udp),
         comment: Some("ns/svc:p endpoints".into()),
     }));
+    tx.push(Op::AddMap(Map {
+        name: "vip-eps".into(),
+        key: KeyType::VipBucket(L4Proto::Tcp),
+        comment: None,
+    }));
     tx.push(Op::AddSet(Set {
         name: "pairs".into(),
         key: KeyType::AddrPair,
@@ -175,6 +180,18 @@ fn everything(family: Family) -> Transaction {
             16384 + u32::from(i),
             ep(1 + i),
         )));
+    }
+    // A Service address and port with two endpoints in the shared endpoint map.
+    for i in 0..2u16 {
+        tx.push(Op::AddElement(Element {
+            target: Some(ep(5 + i)),
+            ..el(
+                "vip-eps",
+                Key::VipBucket(a("10.96.0.10", "fd00:96::10"), 80, u32::from(i)),
+                None,
+                None,
+            )
+        }));
     }
     tx.push(Op::AddElement(el(
         "pairs",
@@ -305,6 +322,13 @@ fn everything(family: Family) -> Transaction {
                 map: "eps".into(),
                 offset: 0,
                 modulus: 1,
+            }),
+        r("ep")
+            .m(Match::L4Proto(L4Proto::Tcp))
+            .s(Statement::DnatVipMap {
+                map: "vip-eps".into(),
+                proto: L4Proto::Tcp,
+                modulus: 2,
             }),
         r("nat-post")
             .m(Match::CtStatusDnat)

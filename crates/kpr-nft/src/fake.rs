@@ -132,7 +132,9 @@ fn rule_sets(r: &Rule) -> impl Iterator<Item = &str> {
         _ => None,
     });
     let s = r.statements.iter().filter_map(|s| match s {
-        Statement::Vmap { map, .. } | Statement::DnatMap { map, .. } => Some(map.as_str()),
+        Statement::Vmap { map, .. }
+        | Statement::DnatMap { map, .. }
+        | Statement::DnatVipMap { map, .. } => Some(map.as_str()),
         Statement::UpdateSaddr { set } => Some(set.as_str()),
         _ => None,
     });
@@ -355,9 +357,12 @@ fn check_key(kind: &SetKind, e: &Element, family: Family) -> Result<(), ApplyErr
         (KeyType::ProtoPort, Key::ProtoPort(_, _)) => true,
         (KeyType::AddrPair, Key::AddrPair(a, b)) => fam_ok(a) && fam_ok(b),
         (KeyType::Bucket(_), Key::Bucket(_)) => e.target.is_some_and(|t| fam_ok(&t.ip())),
+        (KeyType::VipBucket(_), Key::VipBucket(a, _, _)) => {
+            fam_ok(a) && e.target.is_some_and(|t| fam_ok(&t.ip()))
+        }
         _ => false,
     } && match kind {
-        SetKind::Map(m) if matches!(m.key, KeyType::Bucket(_)) => e.verdict.is_none(),
+        SetKind::Map(m) if m.key.is_endpoint_map() => e.verdict.is_none(),
         SetKind::Map(_) => e.verdict.is_some() && e.target.is_none(),
         SetKind::Set(_) => e.verdict.is_none() && e.target.is_none(),
     };
@@ -401,11 +406,15 @@ fn validate(t: &TableState, _family: Family) -> Result<(), ApplyError> {
                 let (name, ok): (&str, fn(&SetKind) -> bool) = match st {
                     Statement::Vmap { map, .. } => (
                         map,
-                        |k| matches!(k, SetKind::Map(m) if !matches!(m.key, KeyType::Bucket(_))),
+                        |k| matches!(k, SetKind::Map(m) if !m.key.is_endpoint_map()),
                     ),
                     Statement::DnatMap { map, .. } => (
                         map,
                         |k| matches!(k, SetKind::Map(m) if matches!(m.key, KeyType::Bucket(_))),
+                    ),
+                    Statement::DnatVipMap { map, .. } => (
+                        map,
+                        |k| matches!(k, SetKind::Map(m) if matches!(m.key, KeyType::VipBucket(_))),
                     ),
                     _ => continue,
                 };
@@ -460,14 +469,14 @@ fn dump_table(family: Family, name: &str, t: &TableState) -> String {
             KeyType::AddrProtoPort => format!("{addr} . inet_proto . inet_service"),
             KeyType::ProtoPort => "inet_proto . inet_service".to_owned(),
             KeyType::AddrPair => format!("{addr} . {addr}"),
-            KeyType::Bucket(_) => String::new(),
+            KeyType::Bucket(_) | KeyType::VipBucket(_) => String::new(),
         };
         let (verdict, interval, timeout, comment) = match kind {
             SetKind::Set(s) => ("", s.interval, s.timeout, s.comment.as_ref()),
             SetKind::Map(m) => (" : verdict", false, None, m.comment.as_ref()),
         };
-        if let KeyType::Bucket(p) = kind.key() {
-            b.push_str(&format!("\t\t{}\n", text::bucket_typeof(family, p)));
+        if let Some(t) = text::endpoint_map_typeof(family, kind.key()) {
+            b.push_str(&format!("\t\t{t}\n"));
         } else {
             b.push_str(&format!("\t\ttype {ty}{verdict}\n"));
         }

@@ -110,6 +110,18 @@ pub enum KeyType {
     /// `typeof numgen random mod 16384 : ip daddr . tcp dport` (the protocol's `dport`): an
     /// endpoint map, from `numgen` buckets to DNAT targets (a hash map). Only for maps.
     Bucket(L4Proto),
+    /// `typeof ip daddr . tcp dport . numgen random mod 16384 : ip daddr . tcp dport`: an
+    /// endpoint map keyed by the Service address and port the packet was sent to and a
+    /// `numgen` bucket, so one shared rule serves every Service with the same endpoint count.
+    /// Only for maps.
+    VipBucket(L4Proto),
+}
+
+impl KeyType {
+    /// Whether a map of this key holds DNAT targets (an endpoint map), not verdicts.
+    pub fn is_endpoint_map(self) -> bool {
+        matches!(self, KeyType::Bucket(_) | KeyType::VipBucket(_))
+    }
 }
 
 /// One key of a set or map element.
@@ -123,6 +135,8 @@ pub enum Key {
     AddrPair(IpAddr, IpAddr),
     /// A `numgen` bucket.
     Bucket(u32),
+    /// A Service address, its port and a `numgen` bucket ([`KeyType::VipBucket`]).
+    VipBucket(IpAddr, u16, u32),
 }
 
 /// A named set (of addresses or tuples).
@@ -248,6 +262,15 @@ pub enum Statement {
     DnatMap {
         map: String,
         offset: u32,
+        modulus: u32,
+    },
+    /// `dnat ip addr . port to ip daddr . tcp dport . numgen random mod N map @map`: DNAT to
+    /// the target of bucket `0..modulus` of the address and port the packet was sent to, in a
+    /// [`KeyType::VipBucket`] map (needs an `L4Proto` match of `proto` in the rule); no
+    /// target continues.
+    DnatVipMap {
+        map: String,
+        proto: L4Proto,
         modulus: u32,
     },
     /// `reject` (ICMP port unreachable; TCP clients see ECONNREFUSED).

@@ -79,7 +79,7 @@ fn key_type(f: Family, k: KeyType) -> String {
         KeyType::AddrProtoPort => format!("{} . inet_proto . inet_service", addr_type(f)),
         KeyType::ProtoPort => "inet_proto . inet_service".to_owned(),
         KeyType::AddrPair => format!("{} . {}", addr_type(f), addr_type(f)),
-        KeyType::Bucket(_) => "integer".to_owned(),
+        KeyType::Bucket(_) | KeyType::VipBucket(_) => "integer".to_owned(),
     }
 }
 
@@ -90,6 +90,23 @@ pub(crate) fn bucket_typeof(f: Family, p: L4Proto) -> String {
         fam(f),
         p.as_str()
     )
+}
+
+/// The declaration of a [`KeyType::VipBucket`] endpoint map's key and value.
+pub(crate) fn vip_bucket_typeof(f: Family, p: L4Proto) -> String {
+    let (ip, th) = (fam(f), p.as_str());
+    format!(
+        "typeof {ip} daddr . {th} dport . numgen random mod {BUCKETS} : {ip} daddr . {th} dport"
+    )
+}
+
+/// The declaration of an endpoint map (either kind), `None` for other key types.
+pub(crate) fn endpoint_map_typeof(f: Family, k: KeyType) -> Option<String> {
+    match k {
+        KeyType::Bucket(p) => Some(bucket_typeof(f, p)),
+        KeyType::VipBucket(p) => Some(vip_bucket_typeof(f, p)),
+        _ => None,
+    }
 }
 
 /// A DNAT target as an endpoint map value (`10.0.0.1 . 8080`).
@@ -115,6 +132,7 @@ pub fn key(k: &Key) -> String {
         Key::ProtoPort(p, port) => format!("{} . {port}", p.as_str()),
         Key::AddrPair(a, b) => format!("{a} . {b}"),
         Key::Bucket(b) => b.to_string(),
+        Key::VipBucket(a, port, b) => format!("{a} . {port} . {b}"),
     }
 }
 
@@ -209,6 +227,14 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                 if let Some(Match::Dport(port)) = r.matches.get(i + 1) {
                     i += 1;
                     format!("{} dport {port}", p.as_str())
+                } else if listing
+                    && r.statements
+                        .iter()
+                        .any(|s| matches!(s, Statement::DnatVipMap { proto, .. } if proto == p))
+                {
+                    // nft lists the match as the dependency of the key's `tcp dport`.
+                    i += 1;
+                    continue;
                 } else {
                     format!("meta l4proto {}", p.as_str())
                 }
@@ -284,6 +310,19 @@ pub fn rule(r: &Rule, f: Family, listing: bool) -> String {
                     format!(" offset {offset}")
                 }
             ),
+            Statement::Vmap {
+                key: KeyType::VipBucket(_),
+                map,
+            } => format!("numgen random mod {BUCKETS} vmap @{map}"),
+            Statement::DnatVipMap {
+                map,
+                proto,
+                modulus,
+            } => format!(
+                "dnat {ip}{} to {ip} daddr . {} dport . numgen random mod {modulus} map @{map}",
+                if listing { "" } else { " addr . port" },
+                proto.as_str()
+            ),
             Statement::MarkOr(b) => format!("meta mark set meta mark | {b:#010x}"),
             Statement::MarkXor(b) => format!("meta mark set meta mark ^ {b:#010x}"),
             Statement::UpdateSaddr { set } => format!("update @{set} {{ {ip} saddr }}"),
@@ -314,8 +353,8 @@ fn set_body(
     timeout: Option<u32>,
     comment: Option<&String>,
 ) -> String {
-    let mut b = if let KeyType::Bucket(p) = key {
-        format!("{} ;", bucket_typeof(f, p))
+    let mut b = if let Some(t) = endpoint_map_typeof(f, key) {
+        format!("{t} ;")
     } else {
         format!(
             "type {}{} ;",

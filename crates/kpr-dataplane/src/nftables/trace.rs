@@ -23,6 +23,8 @@ pub trait RulesetView {
     fn has_key(&self, set: &str, key: &Key) -> bool;
     /// The DNAT targets of an endpoint map, with their buckets.
     fn targets(&self, map: &str) -> Vec<(SocketAddr, u32)>;
+    /// The DNAT target of one key of an endpoint map.
+    fn target(&self, map: &str, key: &Key) -> Option<SocketAddr>;
 }
 
 /// A view of the objects a transaction adds (enough for a full render).
@@ -120,6 +122,11 @@ impl RulesetView for TxView {
                 _ => None,
             })
             .collect()
+    }
+    fn target(&self, map: &str, key: &Key) -> Option<SocketAddr> {
+        self.elements
+            .get(&(map.to_owned(), *key))
+            .and_then(|(_, t)| *t)
     }
     fn set_contains(&self, set: &str, ip: IpAddr) -> bool {
         self.elements.keys().any(|(s, k)| {
@@ -244,6 +251,13 @@ impl RulesetView for Recorder<'_> {
             .entry(map.to_owned())
             .or_default();
         self.inner.targets(map)
+    }
+    fn target(&self, map: &str, key: &Key) -> Option<SocketAddr> {
+        self.path
+            .borrow_mut()
+            .lookups
+            .insert((map.to_owned(), *key));
+        self.inner.target(map, key)
     }
 }
 
@@ -470,6 +484,29 @@ fn eval_matches(
     branches
 }
 
+/// The fates of a draw from an endpoint map: every target of a bucket that can be drawn is a
+/// possible pick; unless `all` buckets have one, a drawn bucket without a target stops the
+/// rule, and the next one runs.
+fn draws(st: State, mut targets: Vec<SocketAddr>, all: bool) -> Vec<(State, Option<Flow>)> {
+    targets.sort();
+    targets.dedup();
+    let mut out = if all || targets.is_empty() {
+        Vec::new()
+    } else {
+        vec![(st.clone(), None)]
+    };
+    if targets.is_empty() {
+        return vec![(st, None)];
+    }
+    out.extend(targets.into_iter().map(|to| {
+        let mut s = st.clone();
+        s.dst = to;
+        s.dnat = true;
+        (s, Some(Flow::Accept))
+    }));
+    out
+}
+
 /// Runs statements; `None` flow means "continue with the next rule".
 fn exec(
     view: &dyn RulesetView,
@@ -490,7 +527,7 @@ fn exec(
                 KeyType::Addr => Key::Addr(st.dst.ip()),
                 KeyType::AddrPair => Key::AddrPair(pkt.src, st.dst.ip()),
                 // A bucket-keyed verdict map is never rendered.
-                KeyType::Bucket(_) => return vec![(st, None)],
+                KeyType::Bucket(_) | KeyType::VipBucket(_) => return vec![(st, None)],
             };
             match view.map_get(map, &k) {
                 Some(v) => v,
@@ -529,32 +566,18 @@ fn exec(
                 .filter(|(_, b)| range.contains(&u64::from(*b)))
                 .map(|(t, b)| (b, t))
                 .collect();
-            let mut targets: Vec<SocketAddr> = hits.values().copied().collect();
-            targets.sort();
-            targets.dedup();
-            if (hits.len() as u64) < u64::from(*modulus) {
-                // Some buckets have no target: those packets fall through.
-                let mut out = vec![(st.clone(), None)];
-                out.extend(targets.into_iter().map(|to| {
-                    let mut s = st.clone();
-                    s.dst = to;
-                    s.dnat = true;
-                    (s, Some(Flow::Accept))
-                }));
-                return out;
-            }
-            if targets.is_empty() {
-                return vec![(st, None)];
-            }
-            return targets
-                .into_iter()
-                .map(|to| {
-                    let mut s = st.clone();
-                    s.dst = to;
-                    s.dnat = true;
-                    (s, Some(Flow::Accept))
-                })
+            let targets: Vec<SocketAddr> = hits.values().copied().collect();
+            let all = hits.len() as u64 >= u64::from(*modulus);
+            return draws(st, targets, all);
+        }
+        Statement::DnatVipMap { map, modulus, .. } => {
+            // Keyed by the address and port the packet was sent to, and the bucket drawn.
+            let (ip, port) = (st.dst.ip(), st.dst.port());
+            let targets: Vec<SocketAddr> = (0..*modulus)
+                .filter_map(|b| view.target(map, &Key::VipBucket(ip, port, b)))
                 .collect();
+            let all = targets.len() as u64 >= u64::from(*modulus);
+            return draws(st, targets, all);
         }
         Statement::Reject => return vec![(st, Some(Flow::Reject))],
         Statement::Verdict(v) => v.clone(),

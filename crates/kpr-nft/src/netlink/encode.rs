@@ -111,6 +111,10 @@ fn key_type(f: Family, k: KeyType) -> (u32, u32) {
         KeyType::ProtoPort => ((TYPE_INET_PROTO << 6) | TYPE_INET_SERVICE, 8),
         KeyType::AddrPair => ((addr << 6) | addr, 2 * alen),
         KeyType::Bucket(_) => (TYPE_INTEGER, 4),
+        KeyType::VipBucket(_) => (
+            (addr << 12) | (TYPE_INET_SERVICE << 6) | TYPE_INTEGER,
+            alen + 8,
+        ),
     }
 }
 
@@ -152,6 +156,13 @@ fn key_bytes(k: &Key) -> Vec<u8> {
         }
         // `numgen` values are host-order integers.
         Key::Bucket(b) => b.to_ne_bytes().to_vec(),
+        Key::VipBucket(a, port, b) => {
+            let mut v = ip_bytes(a);
+            let [hi, lo] = port.to_be_bytes();
+            v.extend_from_slice(&[hi, lo, 0, 0]);
+            v.extend_from_slice(&b.to_ne_bytes());
+            v
+        }
     }
 }
 
@@ -227,7 +238,7 @@ fn element_wire(e: &Element, with_data: bool) -> Vec<Wire> {
         .map(|c| Udata::default().str(0, &clean_comment(c)).bytes.clone());
     match &e.key {
         Key::Net(n) => interval(n, udata),
-        k @ Key::Bucket(_) => vec![Wire {
+        k @ (Key::Bucket(_) | Key::VipBucket(..)) => vec![Wire {
             data: e.target.as_ref().filter(|_| with_data).map(target_bytes),
             udata,
             ..Wire::value(key_bytes(k))
@@ -518,7 +529,7 @@ impl Exprs<'_> {
                             self.addr(Addr::Saddr, REG_1);
                             self.addr(Addr::Daddr, concat_reg(alen));
                         }
-                        KeyType::Bucket(_) => self.bucket(BUCKETS, 0),
+                        KeyType::Bucket(_) | KeyType::VipBucket(_) => self.bucket(BUCKETS, 0),
                     }
                     self.lookup(map, None, Some(REG_VERDICT), false);
                 }
@@ -559,6 +570,26 @@ impl Exprs<'_> {
                     modulus,
                 } => {
                     self.bucket(*modulus, *offset);
+                    self.lookup(map, None, Some(REG_1), false);
+                    let fam = nfproto(self.family);
+                    self.expr("nat", |b| {
+                        b.u32(1, 1); // NFT_NAT_DNAT
+                        b.u32(2, u32::from(fam));
+                        b.u32(3, REG_1);
+                        b.u32(5, concat_reg(alen));
+                    });
+                }
+                Statement::DnatVipMap { map, modulus, .. } => {
+                    // `ip daddr . th dport . numgen random mod N`, as nft loads it: each field
+                    // in the register its offset in the concatenation names.
+                    self.addr(Addr::Daddr, REG_1);
+                    self.payload(concat_reg(alen), 2, 2, 2);
+                    self.expr("numgen", |b| {
+                        b.u32(1, concat_reg(alen + 4));
+                        b.u32(2, *modulus);
+                        b.u32(3, 1); // NFT_NG_RANDOM
+                        b.u32(4, 0);
+                    });
                     self.lookup(map, None, Some(REG_1), false);
                     let fam = nfproto(self.family);
                     self.expr("nat", |b| {
@@ -662,6 +693,10 @@ impl Encoder<'_> {
         let data = match key {
             KeyType::Bucket(proto) => {
                 bucket_udata(&mut u, f, proto);
+                Some(target_type(f))
+            }
+            KeyType::VipBucket(proto) => {
+                vip_bucket_udata(&mut u, f, proto);
                 Some(target_type(f))
             }
             _ => {
@@ -789,16 +824,8 @@ fn bucket_udata(u: &mut Udata, f: Family, proto: L4Proto) {
             n.u32(0, 1).u32(1, BUCKETS).u32(2, 0);
         });
     });
-    let (desc, field) = match f {
-        Family::Ip => (12, 12), // ip daddr
-        Family::Ip6 => (13, 9), // ip6 daddr
-    };
-    // nft's protocol descriptions: tcp 8, udp 6, sctp 10; `dport` is field 2 of each.
-    let th = match proto {
-        L4Proto::Tcp => 8,
-        L4Proto::Udp => 6,
-        L4Proto::Sctp => 10,
-    };
+    let (desc, field) = daddr_typeof(f);
+    let th = th_typeof(proto);
     // A concatenation (13) of `ip daddr` and `tcp dport`.
     u.nest(4, |t| {
         t.u32(0, 13).nest(1, |c| {
@@ -807,6 +834,50 @@ fn bucket_udata(u: &mut Udata, f: Family, proto: L4Proto) {
         });
     });
     u.u32(6, 0);
+}
+
+/// nft's `typeof` records of a [`KeyType::VipBucket`] map: the key `ip daddr . tcp dport .
+/// numgen random mod 16384`, the value `ip daddr . tcp dport`.
+fn vip_bucket_udata(u: &mut Udata, f: Family, proto: L4Proto) {
+    // Byte order: none for concatenations, key and value.
+    u.u32(0, 0).u32(1, 0);
+    let (desc, field) = daddr_typeof(f);
+    let th = th_typeof(proto);
+    u.nest(3, |t| {
+        t.u32(0, 13).nest(1, |c| {
+            c.nest(0, |e| payload_typeof(e, desc, field));
+            c.nest(1, |e| payload_typeof(e, th, 2));
+            c.nest(2, |e| {
+                e.u32(0, 23).nest(1, |n| {
+                    n.u32(0, 1).u32(1, BUCKETS).u32(2, 0);
+                });
+            });
+        });
+    });
+    u.nest(4, |t| {
+        t.u32(0, 13).nest(1, |c| {
+            c.nest(0, |e| payload_typeof(e, desc, field));
+            c.nest(1, |e| payload_typeof(e, th, 2));
+        });
+    });
+    u.u32(6, 0);
+}
+
+/// nft's protocol description and field of the family's `daddr`.
+fn daddr_typeof(f: Family) -> (u32, u32) {
+    match f {
+        Family::Ip => (12, 12), // ip daddr
+        Family::Ip6 => (13, 9), // ip6 daddr
+    }
+}
+
+/// nft's protocol description of a transport protocol (`dport` is field 2 of each).
+fn th_typeof(proto: L4Proto) -> u32 {
+    match proto {
+        L4Proto::Tcp => 8,
+        L4Proto::Udp => 6,
+        L4Proto::Sctp => 10,
+    }
 }
 
 /// The `typeof` record of a payload expression (7): protocol description `desc`, field
