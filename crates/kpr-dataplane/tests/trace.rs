@@ -11,7 +11,8 @@ use kpr_dataplane::nftables::trace::{Outcome, TracePacket, TxView, trace};
 use kpr_dataplane::nftables::{NftConfig, NodePortAddrs, Rendered, render};
 use kpr_model::intent::{HostView, Intent, Packet, intent};
 use kpr_model::node::{DetectLocalMode, NodeContext, ProxyPolicy};
-use kpr_model::{Input, IpFamily, Protocol, SyncPlan, Trackers, Update, desired};
+use kpr_model::{Input, IpFamily, Protocol, SyncPlan, Trackers, Update, desired, update_desired};
+use kpr_nft::{L4Proto, Op, Verdict};
 use kpr_testkit::*;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -521,8 +522,183 @@ mod properties {
         s
     }
 
+    /// Where the packets to a Service address and port go, by the rules of `view`.
+    fn fates(view: &TxView, dsts: &[(String, u16)]) -> Vec<BTreeSet<Outcome>> {
+        let sources = [
+            (POD, Some("veth1"), false),
+            (EXTERNAL_CLIENT, Some("eth0"), false),
+            (NODE_IP, None, true),
+        ];
+        let mut out = Vec::new();
+        for (src, iif, from_host) in sources {
+            for (dst, port) in dsts {
+                let proto = if *port == 53 {
+                    L4Proto::Udp
+                } else {
+                    L4Proto::Tcp
+                };
+                let pkt = TracePacket {
+                    src: ip(src),
+                    iif: iif.map(str::to_owned),
+                    from_host,
+                    dst: ip(dst),
+                    proto,
+                    port: *port,
+                    local_ips: H::local_ips(),
+                };
+                out.push(trace(view, &pkt));
+            }
+        }
+        out
+    }
+
+    /// Issue 16: beside a plain Service with as many endpoints, a new one is elements only:
+    /// its ClusterIP, its two `service-ips` elements, its endpoints under its ClusterIP and
+    /// ports, and the hairpin pairs of endpoints not seen before. No chain, no rule.
+    #[test]
+    fn a_new_plain_service_beside_one_with_as_many_endpoints_is_elements_only() {
+        let mode = DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]);
+        let cfg = NftConfig::new(IpFamily::V4, 14, NodePortAddrs::List(vec![ip(NODE_IP)]));
+        let (ctx, pol) = (
+            NodeContext::new(NODE, None),
+            ProxyPolicy::new(false, &mode, None),
+        );
+        let mut t = Trackers::new();
+        t.record(Input::Services(Update::Apply(svc(0, 0).build())));
+        t.record(Input::Slices(Update::Apply(
+            eps(0, &[(0, 0), (1, 0)]).build(),
+        )));
+        let _ = t.checkout();
+        let mut d = desired(t.state(), &ctx, &pol);
+        let mut committed = Rendered::default();
+        render(
+            &d.families[&IpFamily::V4],
+            &cfg,
+            &mut committed,
+            &SyncPlan::full(),
+        );
+        t.record(Input::Services(Update::Apply(svc(1, 0).build())));
+        t.record(Input::Slices(Update::Apply(
+            eps(1, &[(0, 0), (3, 0)]).build(),
+        )));
+        let plan = t.checkout();
+        update_desired(&mut d, t.state(), &ctx, &pol, &plan);
+        let tx = render(&d.families[&IpFamily::V4], &cfg, &mut committed, &plan);
+        let script = kpr_nft::text::script(&tx);
+        assert!(
+            tx.ops.iter().all(|op| matches!(op, Op::AddElement(_))),
+            "{script}"
+        );
+        let count = |set: &str| {
+            script
+                .lines()
+                .filter(|l| l.contains(&format!(" {set} {{")))
+                .count()
+        };
+        assert_eq!(count("service-ips"), 2, "{script}");
+        assert_eq!(count("cluster-ips"), 1, "{script}");
+        assert_eq!(
+            count("cluster-endpoints-tcp") + count("cluster-endpoints-udp"),
+            4,
+            "{script}"
+        );
+        assert_eq!(count("hairpin-endpoints"), 1, "{script}");
+        assert!(
+            script.contains("172.30.0.2 . tcp . 80 comment \"ns/s1:p\" : goto pick-tcp-2"),
+            "{script}"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Issue 16: a plain ClusterIP Service (endpoints, no affinity, no external frontends,
+        /// traffic policy Cluster) added to a running table by a partial sync is map elements
+        /// only once the pick chains for its endpoint counts exist (otherwise those chains and
+        /// elements), and every packet goes where it goes when the same Service comes with a
+        /// full sync, which is where the model says.
+        #[test]
+        fn a_new_plain_service_through_elements_equals_a_full_sync(
+            services in prop::collection::vec((0u8..4, 0u8..128, prop::collection::vec((0u8..5, 0u8..3), 0..4)), 0..4),
+            new_eps in prop::collection::vec(0u8..6, 1..5),
+            masquerade_all in any::<bool>(),
+        ) {
+            let mode = DetectLocalMode::ClusterCidr(vec![CLUSTER_CIDR.parse().unwrap()]);
+            let cfg = NftConfig::new(IpFamily::V4, 14, NodePortAddrs::List(vec![ip(NODE_IP)]));
+            let mut t = Trackers::new();
+            for (id, v, e) in &services {
+                t.record(Input::Services(Update::Apply(svc(*id, *v).build())));
+                t.record(Input::Slices(Update::Apply(eps(*id, e).build())));
+            }
+            let ctx = NodeContext::new(NODE, None);
+            let pol = ProxyPolicy::new(masquerade_all, &mode, None);
+            let _ = t.checkout();
+            let mut d = desired(t.state(), &ctx, &pol);
+            let mut committed = Rendered::default();
+            let first = render(&d.families[&IpFamily::V4], &cfg, &mut committed, &SyncPlan::full());
+            let mut partial = TxView::from_full(&first);
+            let chains_before: BTreeSet<String> = partial.chains().map(|c| c.name.clone()).collect();
+
+            // The new Service: a TCP and a UDP port, ready endpoints on both nodes.
+            let new = service("ns", "new").cluster_ip("172.30.0.100").port("p", 80, "TCP").port("u", 53, "UDP");
+            let mut slice = slice("ns", "new", "a").port("p", 8080, "TCP").port("u", 5353, "UDP");
+            for i in &new_eps {
+                slice = slice.ready(&format!("10.0.{}.{}", i % 2, i + 10), if i % 2 == 0 { NODE } else { OTHER_NODE });
+            }
+            t.record(Input::Services(Update::Apply(new.build())));
+            t.record(Input::Slices(Update::Apply(slice.build())));
+            let plan = t.checkout();
+            update_desired(&mut d, t.state(), &ctx, &pol, &plan);
+            let tx = render(&d.families[&IpFamily::V4], &cfg, &mut committed, &plan);
+            partial.apply(&tx);
+
+            // Elements, and nothing but the pick chains (and their map) it is the first to need.
+            let targets: BTreeSet<String> = tx.ops.iter().filter_map(|op| match op {
+                Op::AddElement(e) => match &e.verdict {
+                    Some(Verdict::Goto(c)) => Some(c.clone()),
+                    _ => None,
+                },
+                _ => None,
+            }).collect();
+            prop_assert!(!targets.is_empty(), "no service-ips element:\n{}", kpr_nft::text::script(&tx));
+            for op in &tx.ops {
+                let ok = match op {
+                    Op::AddElement(_) => true,
+                    Op::AddChain(c) => c.name.starts_with("pick-") && !chains_before.contains(&c.name),
+                    Op::FlushChain(c) => c.starts_with("pick-") && !chains_before.contains(c),
+                    Op::AddRule(r) => r.chain.starts_with("pick-") && !chains_before.contains(&r.chain),
+                    Op::AddMap(m) => m.name.starts_with("cluster-endpoints-"),
+                    _ => false,
+                };
+                prop_assert!(ok, "not element-only: {}\n{}", tx.describe(tx.ops.iter().position(|o| o == op).unwrap_or(0)), kpr_nft::text::script(&tx));
+            }
+            if targets.iter().all(|c| chains_before.contains(c)) {
+                prop_assert!(tx.ops.iter().all(|op| matches!(op, Op::AddElement(_))), "{}", kpr_nft::text::script(&tx));
+            }
+
+            // The same Service through a full sync.
+            let full = render(&desired(t.state(), &ctx, &pol).families[&IpFamily::V4], &cfg, &mut Rendered::default(), &SyncPlan::full());
+            let full = TxView::from_full(&full);
+            let mut dsts = vec![("172.30.0.100".to_owned(), 80), ("172.30.0.100".to_owned(), 53), ("172.30.0.100".to_owned(), 99)];
+            for (id, _, _) in &services {
+                dsts.push((format!("172.30.0.{}", id + 1), 80));
+                dsts.push((format!("172.30.0.{}", id + 1), 53));
+            }
+            let got = fates(&partial, &dsts);
+            prop_assert_eq!(&got, &fates(&full, &dsts));
+            // And the model agrees.
+            let host = HostView { node_port_ips: Some(vec![ip(NODE_IP)]), local_ips: H::local_ips(), reject_unknown_cluster_ports: true };
+            let fam = &d.families[&IpFamily::V4];
+            let mut i = 0;
+            for (src, iif, from_host) in [(POD, Some("veth1"), false), (EXTERNAL_CLIENT, Some("eth0"), false), (NODE_IP, None, true)] {
+                for (dst, port) in &dsts {
+                    let protocol = if *port == 53 { Protocol::Udp } else { Protocol::Tcp };
+                    let packet = Packet { src: ip(src), iif: iif.map(str::to_owned), from_host, dst: ip(dst), protocol, port: *port };
+                    prop_assert_eq!(&got[i], &to_outcomes(intent(fam, &host, &packet)), "{} -> {}:{}", src, dst, port);
+                    i += 1;
+                }
+            }
+        }
 
         /// For random Services and packets, the rules of both backends agree with their intents.
         #[test]

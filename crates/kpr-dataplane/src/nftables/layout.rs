@@ -45,6 +45,19 @@ pub fn endpoint_map(p: L4Proto, shard: u32) -> String {
     format!("endpoints-{}-{shard}", p.as_str())
 }
 
+/// The endpoint map of a protocol's plain ClusterIP ports (no affinity, no external
+/// frontends, traffic policy Cluster): keyed by `ClusterIP . port . bucket`, so one rule per
+/// endpoint count serves them all.
+pub fn cluster_endpoints_map(p: L4Proto) -> String {
+    format!("cluster-endpoints-{}", p.as_str())
+}
+
+/// The chain that picks one of `n` endpoints for the plain ClusterIP ports of a protocol
+/// (`service-ips` elements `goto` it; it draws from [`cluster_endpoints_map`]).
+pub fn pick_chain(p: L4Proto, n: u32) -> String {
+    format!("pick-{}-{n}", p.as_str())
+}
+
 /// `endpoint . endpoint` pairs: a connection DNATed back to its own source (hairpin) is
 /// masqueraded.
 pub const HAIRPIN: &str = "hairpin-endpoints";

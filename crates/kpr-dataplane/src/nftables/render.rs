@@ -8,6 +8,9 @@
 //! and deleted in the same transaction (kernels since 6.2 release a chain from a deleted map
 //! element within the transaction; this backend requires 6.2 or later for partial syncs).
 
+mod shared;
+mod slots;
+
 use super::layout::{self, NodePortMatch, l4};
 use super::naming;
 use ipnet::IpNet;
@@ -17,12 +20,16 @@ use kpr_model::desired::{
 use kpr_model::node::LocalDetector;
 use kpr_model::{IpFamily, ServicePortName, SyncPlan};
 use kpr_nft::{
-    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, L4Proto, Map, Match, Op, Rule, Set,
-    Statement, Table, Transaction, Verdict,
+    Addr, BUCKETS, Chain, Element, Family, Key, KeyType, Match, Op, Rule, Set, Statement, Table,
+    Transaction, Verdict,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use shared::Shared;
+pub use slots::SLOTS;
+use slots::{assign_slots, changes_slotted, kept_home, reassign_slots};
 
 /// Which addresses accept NodePort traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,43 +114,6 @@ struct PortObjects {
     /// What other ports may need too (its ClusterIP in `cluster-ips`, its endpoints' hairpin
     /// pairs, its endpoint map): in the kernel while any port needs it.
     shared: BTreeSet<Shared>,
-}
-
-/// An object several ports may need, in a compact form (the committed copy counts
-/// references to about one per endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Shared {
-    /// The endpoint map of a protocol's shard.
-    Map(L4Proto, u32),
-    /// An element of a plain set (`cluster-ips`, `hairpin-endpoints`).
-    Element(&'static str, Key),
-}
-
-impl Shared {
-    fn map(self) -> Option<Map> {
-        match self {
-            Shared::Map(proto, shard) => Some(Map {
-                name: layout::endpoint_map(proto, shard),
-                key: KeyType::Bucket(proto),
-                comment: None,
-            }),
-            Shared::Element(..) => None,
-        }
-    }
-
-    fn element(self) -> Option<Element> {
-        match self {
-            Shared::Element(set, key) => Some(set_elem(set, key)),
-            Shared::Map(..) => None,
-        }
-    }
-
-    /// The operation that adds it.
-    fn op(self) -> Option<Op> {
-        self.map()
-            .map(Op::AddMap)
-            .or_else(|| self.element().map(Op::AddElement))
-    }
 }
 
 /// What a port was rendered from: enough to rebuild its objects exactly, so the committed
@@ -239,11 +209,7 @@ pub fn render(
     // Ports added or removed: slots are worked out again, and ports that moved are rendered
     // again too (rare: only a collision of their hashes moves one).
     let mut todo = plan.changed_ports.clone();
-    if plan
-        .changed_ports
-        .iter()
-        .any(|n| fam.ports.contains_key(n) != next.ports.contains_key(n))
-    {
+    if changes_slotted(fam, next, &plan.changed_ports) {
         reassign_slots(
             fam,
             cfg.endpoint_slots,
@@ -302,7 +268,7 @@ pub fn render(
                 PortRecord {
                     sp: sp.clone(),
                     slot,
-                    home: home(name),
+                    home: kept_home(name, sp),
                     lost,
                 },
             );
@@ -313,8 +279,21 @@ pub fn render(
         match (s, before, now) {
             (s @ Shared::Element(..), true, false) => del_elems.extend(s.element()),
             (s @ Shared::Element(..), false, true) => add_elems.extend(s.element()),
-            (s @ Shared::Map(..), true, false) => stale_sets.extend(s.map().map(|m| m.name)),
-            (s @ Shared::Map(..), false, true) => new_maps.extend(s.map()),
+            (s @ (Shared::Map(..) | Shared::ClusterMap(_)), true, false) => {
+                stale_sets.extend(s.map().map(|m| m.name));
+            }
+            (s @ (Shared::Map(..) | Shared::ClusterMap(_)), false, true) => {
+                new_maps.extend(s.map());
+            }
+            (s @ Shared::Pick(..), true, false) => {
+                stale_chains.extend(s.chain(&ctx).map(|(name, _)| name));
+            }
+            (s @ Shared::Pick(..), false, true) => {
+                if let Some((name, rules)) = s.chain(&ctx) {
+                    new_chains.push(name);
+                    rewrite.push(rules);
+                }
+            }
             _ => {}
         }
     }
@@ -469,7 +448,7 @@ fn render_full_with(
         config: Some(cfg.clone()),
         ctx: Some(ctx.clone()),
         service_cidrs: fam.service_cidrs.clone(),
-        slots: assign_slots(fam.ports.keys(), cfg.endpoint_slots),
+        slots: assign_slots(fam, cfg.endpoint_slots),
         ..Rendered::default()
     };
     emit(std::mem::take(&mut tx.ops));
@@ -479,19 +458,21 @@ fn render_full_with(
     for (name, sp) in &fam.ports {
         let slot = next.slots.get(name).copied();
         let built = build_port(sp, &ctx, slot);
-        let (mut fresh_maps, mut fresh) = (Vec::new(), Vec::new());
+        let (mut fresh_maps, mut fresh_chains, mut fresh) = (Vec::new(), Vec::new(), Vec::new());
         for s in built
             .shared
             .iter()
             .filter(|s| !next.shared.contains_key(*s))
         {
             match s {
-                Shared::Map(..) => fresh_maps.extend(s.op()),
-                Shared::Element(..) => fresh.extend(s.op()),
+                Shared::Map(..) | Shared::ClusterMap(_) => fresh_maps.extend(s.ops(&ctx)),
+                Shared::Pick(..) => fresh_chains.extend(s.ops(&ctx)),
+                Shared::Element(..) => fresh.extend(s.ops(&ctx)),
             }
         }
         let (objs, lost) = next.claim(name, built);
         tx.ops.extend(fresh_maps);
+        tx.ops.extend(fresh_chains);
         tx.ops.extend(objs.sets.into_iter().map(Op::AddSet));
         tx.ops.extend(objs.chains.keys().map(|c| {
             Op::AddChain(Chain {
@@ -512,7 +493,7 @@ fn render_full_with(
             PortRecord {
                 sp: sp.clone(),
                 slot,
-                home: home(name),
+                home: kept_home(name, sp),
                 lost,
             },
         );
@@ -522,18 +503,18 @@ fn render_full_with(
 }
 
 /// Endpoint-map elements held back until every rule exists, in a compact form (a cold start
-/// at 10,000 x 10 holds 100,000 of them): the map's name once, then (map, bucket, target).
+/// at 10,000 x 10 holds 100,000 of them): the map's name once, then (map, key, target).
 #[derive(Default)]
 struct Buckets {
     maps: Vec<String>,
     index: std::collections::HashMap<String, u16>,
-    elements: Vec<(u16, u32, std::net::SocketAddr)>,
+    elements: Vec<(u16, Key, std::net::SocketAddr)>,
 }
 
 impl Buckets {
     fn extend(&mut self, elements: Vec<Element>) {
         for e in elements {
-            let (Key::Bucket(b), Some(to)) = (e.key, e.target) else {
+            let (b, Some(to)) = (e.key, e.target) else {
                 continue;
             };
             let next = self.maps.len() as u16;
@@ -550,7 +531,7 @@ impl Buckets {
         self.elements.into_iter().map(move |(m, b, to)| {
             Op::AddElement(Element {
                 set: maps.get(usize::from(m)).cloned().unwrap_or_default(),
-                key: Key::Bucket(b),
+                key: b,
                 verdict: None,
                 target: Some(to),
                 comment: None,
@@ -581,6 +562,7 @@ impl Rendered {
             }
             owner == name
         });
+        drop_lost(&mut objs, &lost);
         for e in &objs.shared {
             *self.shared.entry(*e).or_default() += 1;
         }
@@ -594,10 +576,7 @@ impl Rendered {
             return PortObjects::default();
         };
         let mut o = build_port(&r.sp, ctx, r.slot);
-        if !r.lost.is_empty() {
-            o.elements
-                .retain(|e| !r.lost.iter().any(|(s, k)| *s == e.set && *k == e.key));
-        }
+        drop_lost(&mut o, &r.lost);
         o
     }
 
@@ -664,113 +643,31 @@ fn local_match(detector: &LocalDetector, negate: bool) -> Option<Match> {
     }
 }
 
-/// Slots in the endpoint maps: a port in slot `s` draws its cluster endpoints from buckets
-/// `s * 2B .. s * 2B + B` and its local endpoints from the next `B` (B = [`BUCKETS`]). The top
-/// slot is left out so every range ends below 2^32.
-pub const SLOTS: u32 = u32::MAX / (2 * BUCKETS);
-
-/// Each port's slot among `slots`: its home slot is a hash of its name; ports are placed in
-/// name order, each in the first free slot from its home on (linear probing); once all are
-/// taken, the rest get none. A function of the set of port names only, so partial renders
-/// agree with full ones.
-fn assign_slots<'a>(
-    names: impl Iterator<Item = &'a ServicePortName>,
-    slots: u32,
-) -> BTreeMap<ServicePortName, u32> {
-    let mut taken = Taken::new(slots);
-    let mut out = BTreeMap::new();
-    for name in names {
-        let Some(slot) = taken.claim(home(name)) else {
-            break;
-        };
-        out.insert(name.clone(), slot);
-    }
-    out
+/// A plain ClusterIP port: endpoints, no session affinity, no external frontends (NodePort,
+/// externalIPs, load-balancer IPs) and internal traffic policy Cluster. It has no chain of its
+/// own: its ClusterIP goes to the shared pick chain for its endpoint count, which draws from
+/// the protocol's `cluster-endpoints` map by ClusterIP, port and bucket. Adding or removing
+/// one, or changing its endpoints, is map elements only (a new endpoint count adds that
+/// count's chain once).
+pub(crate) fn plain(sp: &ServicePortDesired) -> bool {
+    sp.affinity_timeout.is_none()
+        && sp.external.is_none()
+        && sp.internal == InternalAction::Cluster
+        && !sp.cluster_endpoints.is_empty()
 }
 
-/// A port's home slot before probing, before `% slots`: a hash of its name.
-fn home(name: &ServicePortName) -> u32 {
-    naming::hash32(&naming::service_base(name))
-}
-
-/// The slots taken so far by linear probing (a bit per slot).
-struct Taken {
-    bits: Vec<u64>,
-    slots: u32,
-    count: u32,
-}
-
-impl Taken {
-    fn new(slots: u32) -> Taken {
-        let slots = slots.min(SLOTS);
-        Taken {
-            bits: vec![0; (slots as usize).div_ceil(64)],
-            slots,
-            count: 0,
-        }
+/// Drops from a port's objects the element keys another port owns; a plain port that lost
+/// its ClusterIP and port to another loses its endpoints under that key too.
+fn drop_lost(objs: &mut PortObjects, lost: &[(String, Key)]) {
+    if lost.is_empty() {
+        return;
     }
-
-    /// The first free slot from `home % slots` on, now taken; `None` once all are taken.
-    fn claim(&mut self, home: u32) -> Option<u32> {
-        if self.count >= self.slots {
-            return None;
-        }
-        let mut slot = home % self.slots;
-        while self.bits[slot as usize / 64] & (1 << (slot % 64)) != 0 {
-            slot = (slot + 1) % self.slots;
-        }
-        self.bits[slot as usize / 64] |= 1 << (slot % 64);
-        self.count += 1;
-        Some(slot)
-    }
-}
-
-/// [`assign_slots`] again after ports were added or removed, updating `next.slots` in place
-/// and adding every port whose slot moved to `todo`: one pass over the names in order beside
-/// the committed records, whose homes are kept, so only the new ports' names are hashed.
-fn reassign_slots(
-    fam: &FamilyDesired,
-    slots: u32,
-    next: &mut Rendered,
-    changed: &std::collections::BTreeSet<ServicePortName>,
-    todo: &mut std::collections::BTreeSet<ServicePortName>,
-) {
-    let mut taken = Taken::new(slots);
-    let mut records = next.ports.iter().peekable();
-    let mut assigned = Vec::new();
-    for name in fam.ports.keys() {
-        while records.next_if(|(n, _)| *n < name).is_some() {}
-        let h = match records.peek() {
-            Some((n, r)) if *n == name => r.home,
-            _ => home(name),
-        };
-        let Some(slot) = taken.claim(h) else {
-            break;
-        };
-        if next.slots.get(name) != Some(&slot) {
-            assigned.push((name.clone(), slot));
-        }
-    }
-    let full = taken.count >= taken.slots;
-    for (name, slot) in assigned {
-        todo.insert(name.clone());
-        next.slots.insert(name, slot);
-    }
-    // Ports gone (every one is in the plan), and (only when every slot is taken) ports left
-    // without one.
-    for gone in changed.iter().filter(|n| !fam.ports.contains_key(*n)) {
-        next.slots.remove(gone);
-    }
-    if full {
-        let kept = assign_slots(fam.ports.keys(), slots);
-        todo.extend(
-            next.slots
-                .keys()
-                .filter(|n| !kept.contains_key(*n))
-                .cloned(),
-        );
-        next.slots = kept;
-    }
+    let vip_lost = lost.iter().any(|(s, _)| s == layout::SERVICE_IPS);
+    objs.elements.retain(|e| {
+        let under_lost_vip = vip_lost && matches!(e.key, Key::VipBucket(..));
+        let owned_by_another = lost.iter().any(|(s, k)| *s == e.set && *k == e.key);
+        !under_lost_vip && !owned_by_another
+    });
 }
 
 /// Whether anything uses the Local set: ITP=Local, or external frontends with ETP=Local.
@@ -807,6 +704,32 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, slot: Option<u32>) -> Port
             .insert(shared_elem(layout::HAIRPIN, Key::AddrPair(ip, ip)));
     }
     let vip = |ip: IpAddr| Key::AddrProtoPort(ip, proto, sp.port);
+    if plain(sp) {
+        // Elements only: its endpoints under its ClusterIP and port in the protocol's
+        // `cluster-endpoints` map, and a `service-ips` element to the shared chain for its
+        // endpoint count. Past BUCKETS endpoints a set cannot grow: the rest are not used.
+        let set = &sp.cluster_endpoints[..sp.cluster_endpoints.len().min(BUCKETS as usize)];
+        let n = set.len() as u32;
+        let map = layout::cluster_endpoints_map(proto);
+        for (i, ep) in set.iter().enumerate() {
+            o.elements.insert(Element {
+                set: map.clone(),
+                key: Key::VipBucket(sp.cluster_ip, sp.port, i as u32),
+                verdict: None,
+                target: Some(ep.addr),
+                comment: None,
+            });
+        }
+        o.shared.insert(Shared::ClusterMap(proto));
+        o.shared.insert(Shared::Pick(proto, n));
+        o.elements.insert(map_elem(
+            layout::SERVICE_IPS,
+            vip(sp.cluster_ip),
+            Verdict::Goto(layout::pick_chain(proto, n)),
+            &comment,
+        ));
+        return o;
+    }
     // Without affinity, an endpoint is picked by a map from random buckets to DNAT targets:
     // endpoint changes then touch only map elements, which the kernel commits without
     // revalidating the table (a rule or a verdict element makes it walk every chain).

@@ -39,21 +39,38 @@ impl TxView {
     /// Collects what a full transaction adds; deletes before the last `AddTable` are ignored.
     pub fn from_full(tx: &Transaction) -> TxView {
         let mut v = TxView::default();
+        v.apply(tx);
+        v
+    }
+
+    /// What the table holds once `tx` is applied too (a partial sync after a full one).
+    pub fn apply(&mut self, tx: &Transaction) {
         for op in &tx.ops {
             match op {
-                Op::DeleteTable => v = TxView::default(),
+                Op::DeleteTable => *self = TxView::default(),
                 Op::AddChain(c) => {
-                    v.chains.insert(c.name.clone(), c.clone());
+                    self.chains.insert(c.name.clone(), c.clone());
                 }
-                Op::AddRule(r) => v.rules.entry(r.chain.clone()).or_default().push(r.clone()),
+                Op::FlushChain(c) => {
+                    self.rules.remove(c);
+                }
+                Op::DeleteChain(c) => self.remove_chain(c),
+                Op::AddRule(r) => self
+                    .rules
+                    .entry(r.chain.clone())
+                    .or_default()
+                    .push(r.clone()),
                 Op::AddElement(e) => {
-                    v.elements
+                    self.elements
                         .insert((e.set.clone(), e.key), (e.verdict.clone(), e.target));
                 }
-                _ => {}
+                Op::DeleteElement(e) => {
+                    self.elements.remove(&(e.set.clone(), e.key));
+                }
+                Op::FlushSet(s) | Op::DeleteSet(s) => self.remove_elements(s, |_| true),
+                Op::AddTable(_) | Op::AddSet(_) | Op::AddMap(_) => {}
             }
         }
-        v
     }
 }
 

@@ -1,0 +1,97 @@
+//! Objects several service ports share, counted by reference in the committed copy: set
+//! elements (`cluster-ips`, `hairpin-endpoints`), the sharded endpoint maps, and what plain
+//! ClusterIP ports go through (the `cluster-endpoints-<proto>` map and one pick chain per
+//! protocol and endpoint count), so adding a plain Service adds map elements only.
+
+use super::{PortCtx, local_match, set_elem};
+use crate::nftables::layout;
+use kpr_nft::{Chain, Element, KeyType, L4Proto, Map, Match, Op, Rule, Statement, Verdict};
+
+/// An object several ports may need, in a compact form (the committed copy counts
+/// references to about one per endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Shared {
+    /// The endpoint map of a protocol's shard.
+    Map(L4Proto, u32),
+    /// The endpoint map of a protocol's plain ClusterIP ports (`cluster-endpoints-tcp`).
+    ClusterMap(L4Proto),
+    /// The chain that picks one of `n` endpoints for a plain ClusterIP port of a protocol.
+    Pick(L4Proto, u32),
+    /// An element of a plain set (`cluster-ips`, `hairpin-endpoints`).
+    Element(&'static str, kpr_nft::Key),
+}
+
+impl Shared {
+    pub(super) fn map(self) -> Option<Map> {
+        let (name, key) = match self {
+            Shared::Map(proto, shard) => {
+                (layout::endpoint_map(proto, shard), KeyType::Bucket(proto))
+            }
+            Shared::ClusterMap(proto) => (
+                layout::cluster_endpoints_map(proto),
+                KeyType::VipBucket(proto),
+            ),
+            Shared::Pick(..) | Shared::Element(..) => return None,
+        };
+        Some(Map {
+            name,
+            key,
+            comment: None,
+        })
+    }
+
+    pub(super) fn element(self) -> Option<Element> {
+        match self {
+            Shared::Element(set, key) => Some(set_elem(set, key)),
+            _ => None,
+        }
+    }
+
+    /// A pick chain's name and rules: the ClusterIP masquerade rule (§4.9: masqueradeAll, or
+    /// traffic not from a local pod; the ClusterIP and port were matched by `service-ips`),
+    /// then the DNAT to the target of a bucket drawn for the address and port the packet was
+    /// sent to.
+    pub(super) fn chain(self, ctx: &PortCtx) -> Option<(String, Vec<Rule>)> {
+        let Shared::Pick(proto, n) = self else {
+            return None;
+        };
+        let name = layout::pick_chain(proto, n);
+        let masq = Statement::Verdict(Verdict::Jump(layout::MARK_FOR_MASQUERADE.into()));
+        let mut rules = Vec::new();
+        if ctx.masquerade_all {
+            rules.push(Rule::new(&name).s(masq));
+        } else if let Some(m) = local_match(&ctx.detector, true) {
+            rules.push(Rule::new(&name).m(m).s(masq));
+        }
+        rules.push(
+            Rule::new(&name)
+                .m(Match::L4Proto(proto))
+                .s(Statement::DnatVipMap {
+                    map: layout::cluster_endpoints_map(proto),
+                    proto,
+                    modulus: n,
+                }),
+        );
+        Some((name, rules))
+    }
+
+    /// The operations that add it (a map, an element, or a chain and its rules).
+    pub(super) fn ops(self, ctx: &PortCtx) -> Vec<Op> {
+        if let Some(m) = self.map() {
+            return vec![Op::AddMap(m)];
+        }
+        if let Some(e) = self.element() {
+            return vec![Op::AddElement(e)];
+        }
+        let Some((name, rules)) = self.chain(ctx) else {
+            return Vec::new();
+        };
+        std::iter::once(Op::AddChain(Chain {
+            name,
+            base: None,
+            comment: None,
+        }))
+        .chain(rules.into_iter().map(Op::AddRule))
+        .collect()
+    }
+}
