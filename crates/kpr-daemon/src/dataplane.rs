@@ -13,7 +13,7 @@
 use kpr_config::NodePortAddresses;
 use kpr_dataplane::iptables::{self as ipt, exec::Tools};
 use kpr_dataplane::nftables::{
-    NftConfig, NodePortAddrs, Rendered, layout, render, render_cold_each,
+    NftConfig, NodePortAddrs, Rendered, layout, render, render_cold_each, render_full_stream,
 };
 use kpr_model::node::NodeContext;
 use kpr_model::{DesiredState, IpFamily, SyncPlan};
@@ -351,6 +351,20 @@ fn sync_nft(
                 .unwrap_or(false);
         let applied = if cold {
             apply_cold(exec, fam, &cfg, committed, cold_max_ops)
+        } else if full {
+            // One atomic transaction, encoded as it is rendered: it never exists as typed
+            // operations, and the old committed copy goes first (a refusal drops it anyway).
+            *committed = Rendered::default();
+            let (mut next, mut count) = (None, 0);
+            exec.apply_stream(&cfg.table(), &mut |sink| {
+                count = 0;
+                next = Some(render_full_stream(fam, &cfg, &mut |op| {
+                    count += 1;
+                    sink(op);
+                }));
+            })
+            .inspect(|_| *committed = next.take().unwrap_or_default())
+            .map_err(|e| format!("{e} (a transaction of {count} operations)"))
         } else {
             let tx = render(fam, &cfg, committed, plan);
             match tx.is_empty() {

@@ -525,6 +525,38 @@ fn netlink_refusals_are_atomic_and_named() {
         before,
         "a refused batch changed the kernel"
     );
+    // The same refused through a stream of operations (a full resync's path): named too, by
+    // running the stream again.
+    let mut runs = 0;
+    let err = nl
+        .apply_stream(&good.table, &mut |sink| {
+            runs += 1;
+            bad.ops.iter().cloned().for_each(&mut *sink);
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("add rule ip kpr-test new jump missing"),
+        "{err}"
+    );
+    assert_eq!(
+        runs, 2,
+        "encoded once, run again to name the refused operation"
+    );
+    assert_eq!(lab.sh(&ns, "nft list ruleset"), before);
+    // A stream applies what the transaction applies (here after deleting the table).
+    let replace = [Op::AddTable(good.table.clone()), Op::DeleteTable];
+    let n = nl
+        .apply_stream(&good.table, &mut |sink| {
+            replace
+                .iter()
+                .chain(&good.ops)
+                .cloned()
+                .for_each(&mut *sink)
+        })
+        .unwrap();
+    assert_eq!(n, good.len() + 2);
+    assert_eq!(lab.sh(&ns, "nft list ruleset"), before);
     // The executor keeps working after a refusal.
     let mut ok = Transaction::new(good.table.clone());
     ok.push(Op::FlushChain("gone".into()));

@@ -18,11 +18,13 @@ fn cfg() -> SyncConfig {
     crate::sync::fixtures::config(Duration::ZERO)
 }
 
+/// `n` Services with a NodePort each (so each has chains of its own: a plain ClusterIP
+/// Service is map elements only), two endpoints each.
 fn services(n: u32) -> [Input; 2] {
     let svc = |i: u32| {
         service("ns", &format!("s{i}"))
             .cluster_ip(&format!("172.30.0.{i}"))
-            .port("p", 80, "TCP")
+            .node_port("p", 80, "TCP", 30_000 + i as i32)
             .build()
     };
     let eps = |i: u32| {

@@ -110,6 +110,15 @@ fn healthz(h: &Health, now: SystemTime) -> u16 {
     code
 }
 
+/// Service `i` with a NodePort: chains and rules of its own, where a plain ClusterIP Service
+/// is map elements only.
+fn node_port_svc(i: u32) -> kpr_model::Service {
+    kpr_testkit::service("ns", &format!("s{i}"))
+        .cluster_ip(&format!("172.30.{}.{}", i / 250, i % 250 + 1))
+        .node_port("p", 80, "TCP", 30_000 + i as i32)
+        .build()
+}
+
 /// One scenario: a change the kernel refuses (`refuse` sets the fault) is retried with a
 /// growing delay, each refusal counted once, the kernel left as it was, `/healthz` 503 only
 /// after 2 x syncPeriod; the fault is lifted after 90 s and the next retry recovers.
@@ -138,7 +147,7 @@ async fn refused_then_recovered(errno: Errno, refuse: impl FnOnce(&Faults)) {
 
     refuse(&faults);
     let (t0, wall0) = (Instant::now(), SystemTime::now());
-    tx.send(Input::Services(Update::Apply(svc(2))))
+    tx.send(Input::Services(Update::Apply(node_port_svc(2))))
         .await
         .unwrap();
     tx.send(Input::Slices(Update::Apply(endpoints(2))))

@@ -5,7 +5,8 @@
 //!
 //! Unlike upstream (§12), no per-Service anonymous set is used for load balancing (they make a
 //! large transaction quadratic in the kernel, performance-anchors §1.6): endpoints are picked
-//! with `numgen random mod (N-i) == 0` rules. DROP for an ETP=Local Service without local
+//! from endpoint maps (plain ClusterIP ports through shared pick chains, docs/nftables.md),
+//! with affinity by `numgen random mod (N-i) == 0` rules. DROP for an ETP=Local Service without local
 //! endpoints is the last rule of its `external-` chain, so host-originated traffic, which takes
 //! the short-circuit, is never dropped by a pre-DNAT filter.
 

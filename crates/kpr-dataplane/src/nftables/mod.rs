@@ -8,4 +8,5 @@ pub mod trace;
 
 pub use render::{
     NftConfig, NodePortAddrs, Rendered, SLOTS, render, render_cold, render_cold_each,
+    render_full_stream,
 };

@@ -630,22 +630,35 @@ pub struct Batch {
     pub ack_seq: u32,
 }
 
-struct Encoder<'a> {
+struct Encoder {
     buf: Buf,
-    tx: &'a Transaction,
+    table: Table,
     seq: u32,
     next_set_id: u32,
     origin: Vec<(u32, usize)>,
     /// Start of the last message, to set its ACK flag.
     last: Option<usize>,
     /// Interval sets created in this batch that have had no elements yet.
-    new_interval_sets: BTreeSet<&'a str>,
+    new_interval_sets: BTreeSet<String>,
+    /// A run of element operations on one set not written yet (a run shares messages).
+    run: Option<Run>,
 }
 
-impl Encoder<'_> {
+/// Consecutive element operations on one set, as wire elements.
+struct Run {
+    add: bool,
+    set: String,
+    /// The index of the run's first operation.
+    op: usize,
+    wires: Vec<Wire>,
+    /// Whether the set was created in this batch as an interval set and had no elements yet.
+    new_interval: bool,
+}
+
+impl Encoder {
     fn msg(&mut self, op: usize, kind: u16, flags: u16, f: impl FnOnce(&mut Buf)) {
         self.seq += 1;
-        let family = nfproto(self.tx.table.family);
+        let family = nfproto(self.table.family);
         let start = self
             .buf
             .begin_msg(kind, NLM_F_REQUEST | flags, self.seq, family, 0);
@@ -656,7 +669,7 @@ impl Encoder<'_> {
     }
 
     fn table(&self) -> &str {
-        &self.tx.table.name
+        &self.table.name
     }
 
     fn set_id(&mut self) -> u32 {
@@ -673,7 +686,7 @@ impl Encoder<'_> {
         s: Option<&Set>,
         comment: Option<&String>,
     ) {
-        let f = self.tx.table.family;
+        let f = self.table.family;
         let table = self.table().to_owned();
         let id = self.set_id();
         let (ktype, klen) = key_type(f, key);
@@ -739,7 +752,7 @@ impl Encoder<'_> {
 
     /// The anonymous interval set of a `NotInNets` match; returns its id.
     fn anon_set(&mut self, op: usize, a: Addr, nets: &[IpNet]) -> u32 {
-        let f = self.tx.table.family;
+        let f = self.table.family;
         let table = self.table().to_owned();
         let id = self.set_id();
         let wires = anon_elements(nets);
@@ -796,7 +809,7 @@ impl Encoder<'_> {
             .into_iter()
             .map(|(a, nets)| self.anon_set(op, a, nets))
             .collect();
-        let family = self.tx.table.family;
+        let family = self.table.family;
         let table = self.table().to_owned();
         self.msg(op, NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |b| {
             b.str(1, &table);
@@ -963,23 +976,97 @@ fn anon_elements(nets: &[IpNet]) -> Vec<Wire> {
 
 /// Encodes a transaction as one batch; message sequence numbers start after `first_seq`.
 pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
-    let mut e = Encoder {
-        buf: Buf::with_capacity(64 + tx.ops.len() * 160),
-        tx,
-        seq: first_seq,
-        next_set_id: 0,
-        origin: Vec::with_capacity(tx.ops.len()),
-        last: None,
-        new_interval_sets: BTreeSet::new(),
-    };
-    let begin = e
-        .buf
-        .begin_msg(BATCH_BEGIN, NLM_F_REQUEST, first_seq, 0, 10);
-    e.buf.end_msg(begin);
-    let table = tx.table.name.clone();
-    let mut i = 0;
-    while i < tx.ops.len() {
-        let op = &tx.ops[i];
+    let mut s = Stream::new(&tx.table, first_seq, tx.ops.len());
+    for op in &tx.ops {
+        s.push(op);
+    }
+    s.finish()
+}
+
+/// A batch encoded one operation at a time, so a large transaction (a full resync) need not
+/// exist as typed operations: only its bytes are held. [`batch`] is this over a transaction.
+pub struct Stream {
+    e: Encoder,
+    /// Operations pushed so far (the index of the next one).
+    ops: usize,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("ops", &self.ops)
+            .field("bytes", &self.e.buf.bytes.len())
+            .finish()
+    }
+}
+
+impl Stream {
+    /// An empty batch for `table`; `ops` is a hint of how many operations will come.
+    pub fn new(table: &Table, first_seq: u32, ops: usize) -> Stream {
+        let mut e = Encoder {
+            buf: Buf::with_capacity(64 + ops.min(1 << 20) * 64),
+            table: table.clone(),
+            seq: first_seq,
+            next_set_id: 0,
+            origin: Vec::new(),
+            last: None,
+            new_interval_sets: BTreeSet::new(),
+            run: None,
+        };
+        let begin = e
+            .buf
+            .begin_msg(BATCH_BEGIN, NLM_F_REQUEST, first_seq, 0, 10);
+        e.buf.end_msg(begin);
+        Stream { e, ops: 0 }
+    }
+
+    /// The operations pushed so far.
+    pub fn len(&self) -> usize {
+        self.ops
+    }
+
+    /// Whether nothing was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
+    /// Appends one operation.
+    pub fn push(&mut self, op: &Op) {
+        let i = self.ops;
+        self.ops += 1;
+        let e = &mut self.e;
+        if let Op::AddElement(el) | Op::DeleteElement(el) = op {
+            let add = matches!(op, Op::AddElement(_));
+            let same = e
+                .run
+                .as_ref()
+                .is_some_and(|run| run.add == add && run.set == el.set);
+            if !same {
+                e.flush_run();
+                let new_interval = add && e.new_interval_sets.remove(el.set.as_str());
+                e.run = Some(Run {
+                    add,
+                    set: el.set.clone(),
+                    op: i,
+                    wires: Vec::new(),
+                    new_interval,
+                });
+            }
+            let Some(run) = &mut e.run else {
+                return;
+            };
+            run.wires.extend(element_wire(el, add));
+            // A full message's worth is written at once (an interval set's first run waits:
+            // nft looks at all of it).
+            if run.wires.len() >= ELEMS_PER_MSG && !run.new_interval {
+                let wires: Vec<Wire> = run.wires.drain(..ELEMS_PER_MSG).collect();
+                let (kind, set, first) = (run.kind(), run.set.clone(), run.op);
+                e.elements(first, kind, &set, &wires);
+            }
+            return;
+        }
+        e.flush_run();
+        let table = e.table.name.clone();
         match op {
             Op::AddTable(t) => e.msg(i, NEWTABLE, 0, |b| {
                 b.str(1, &table);
@@ -1023,7 +1110,7 @@ pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
             Op::AddRule(r) => e.rule(i, r),
             Op::AddSet(s) => {
                 if s.interval {
-                    e.new_interval_sets.insert(s.name.as_str());
+                    e.new_interval_sets.insert(s.name.clone());
                 }
                 e.add_set(i, &s.name, s.key, false, Some(s), s.comment.as_ref());
             }
@@ -1032,65 +1119,69 @@ pub fn batch(tx: &Transaction, first_seq: u32) -> Batch {
             }
             Op::FlushSet(s) => e.named(i, DELSETELEM, 2, s),
             Op::DeleteSet(s) => e.named(i, DELSET, 2, s),
-            Op::AddElement(first) | Op::DeleteElement(first) => {
-                // A run of element operations on one set shares messages.
-                let add = matches!(op, Op::AddElement(_));
-                let set = &first.set;
-                let mut wires = Vec::new();
-                let mut j = i;
-                while let Some(next) = tx.ops.get(j) {
-                    match (add, next) {
-                        (true, Op::AddElement(el)) if &el.set == set => {
-                            wires.extend(element_wire(el, true))
-                        }
-                        (false, Op::DeleteElement(el)) if &el.set == set => {
-                            wires.extend(element_wire(el, false))
-                        }
-                        _ => break,
-                    }
-                    j += 1;
-                }
-                // nft opens the first elements of an interval set it creates in the same
-                // batch with an interval end at address zero (unless a range starts there).
-                if add && e.new_interval_sets.remove(set.as_str()) {
-                    let zero = wires
-                        .iter()
-                        .filter(|w| !w.interval_end)
-                        .all(|w| w.key.iter().any(|b| *b != 0));
-                    if let (true, Some(first)) = (zero, wires.first()) {
-                        let key = vec![0; first.key.len()];
-                        wires.insert(
-                            0,
-                            Wire {
-                                interval_end: true,
-                                ..Wire::value(key)
-                            },
-                        );
-                    }
-                }
-                let kind = if add { NEWSETELEM } else { DELSETELEM };
-                e.elements(i, kind, set, &wires);
-                i = j;
-                continue;
-            }
+            Op::AddElement(_) | Op::DeleteElement(_) => {}
         }
-        i += 1;
     }
-    if let Some(last) = e.last {
-        let flags = u16::from_ne_bytes([e.buf.bytes[last + 6], e.buf.bytes[last + 7]]) | NLM_F_ACK;
-        e.buf.bytes[last + 6..last + 8].copy_from_slice(&flags.to_ne_bytes());
-    }
-    let ack_seq = e.seq;
-    let end = e.buf.begin_msg(BATCH_END, NLM_F_REQUEST, e.seq + 1, 0, 10);
-    e.buf.end_msg(end);
-    Batch {
-        bytes: e.buf.bytes,
-        origin: e.origin,
-        ack_seq,
+
+    /// The batch: the operations pushed, between the batch delimiters, the last one asking
+    /// for an acknowledgement.
+    pub fn finish(mut self) -> Batch {
+        let e = &mut self.e;
+        e.flush_run();
+        if let Some(last) = e.last {
+            let flags =
+                u16::from_ne_bytes([e.buf.bytes[last + 6], e.buf.bytes[last + 7]]) | NLM_F_ACK;
+            e.buf.bytes[last + 6..last + 8].copy_from_slice(&flags.to_ne_bytes());
+        }
+        let ack_seq = e.seq;
+        let end = e.buf.begin_msg(BATCH_END, NLM_F_REQUEST, e.seq + 1, 0, 10);
+        e.buf.end_msg(end);
+        Batch {
+            bytes: std::mem::take(&mut e.buf.bytes),
+            origin: std::mem::take(&mut e.origin),
+            ack_seq,
+        }
     }
 }
 
-impl Encoder<'_> {
+impl Run {
+    fn kind(&self) -> u16 {
+        if self.add { NEWSETELEM } else { DELSETELEM }
+    }
+}
+
+impl Encoder {
+    /// Writes the pending run of element operations, if any.
+    fn flush_run(&mut self) {
+        let Some(mut run) = self.run.take() else {
+            return;
+        };
+        // nft opens the first elements of an interval set it creates in the same batch with
+        // an interval end at address zero (unless a range starts there).
+        if run.new_interval {
+            let zero = run
+                .wires
+                .iter()
+                .filter(|w| !w.interval_end)
+                .all(|w| w.key.iter().any(|b| *b != 0));
+            if let (true, Some(first)) = (zero, run.wires.first()) {
+                let key = vec![0; first.key.len()];
+                run.wires.insert(
+                    0,
+                    Wire {
+                        interval_end: true,
+                        ..Wire::value(key)
+                    },
+                );
+            }
+        }
+        if !run.wires.is_empty() {
+            self.elements(run.op, run.kind(), &run.set, &run.wires);
+        }
+    }
+}
+
+impl Encoder {
     /// A message naming the table and one object (its name in attribute `attr`).
     fn named(&mut self, op: usize, kind: u16, attr: u16, name: &str) {
         let table = self.table().to_owned();

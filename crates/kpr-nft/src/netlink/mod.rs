@@ -11,7 +11,7 @@ mod wire;
 
 pub use query::get_rules_request;
 
-use crate::executor::Executor;
+use crate::executor::{Executor, OpSource};
 use crate::fake::ApplyError;
 use crate::objects::{Family, Table};
 use crate::transaction::Transaction;
@@ -129,13 +129,15 @@ impl Netlink {
     }
 }
 
-impl Executor for Netlink {
-    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
-        if tx.is_empty() {
-            return Ok(());
-        }
-        let first = self.next_seq(0);
-        let batch = encode::batch(tx, first);
+impl Netlink {
+    /// Sends one encoded batch of `ops` operations and reads the kernel's answer; a refusal
+    /// names the operation by `describe` (its index).
+    fn send_batch(
+        &mut self,
+        batch: encode::Batch,
+        ops: usize,
+        describe: &mut dyn FnMut(usize) -> String,
+    ) -> Result<(), ApplyError> {
         self.seq = batch.ack_seq.wrapping_add(1);
         if batch.bytes.len() + 4096 > self.sndbuf {
             // The whole batch must fit in one datagram (the kernel commits what one skb holds).
@@ -147,7 +149,7 @@ impl Executor for Netlink {
         let whole = || {
             format!(
                 "the whole batch ({} operations, {} bytes)",
-                tx.len(),
+                ops,
                 batch.bytes.len()
             )
         };
@@ -173,7 +175,7 @@ impl Executor for Netlink {
                 .origin
                 .iter()
                 .find(|(s, _)| s == seq)
-                .map(|(_, op)| tx.describe(*op))
+                .map(|(_, op)| describe(*op))
                 .unwrap_or_else(whole);
             return Err(ApplyError::Refused {
                 errno: code.checked_neg().unwrap_or(0),
@@ -186,6 +188,46 @@ impl Executor for Netlink {
             ));
         }
         Ok(())
+    }
+}
+
+impl Executor for Netlink {
+    fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        let first = self.next_seq(0);
+        let batch = encode::batch(tx, first);
+        self.send_batch(batch, tx.len(), &mut |op| tx.describe(op))
+    }
+
+    /// Encodes each operation as `ops` hands it out: only the batch's bytes are held. A
+    /// refusal runs `ops` again to name the refused operation.
+    fn apply_stream(&mut self, table: &Table, ops: &mut OpSource<'_>) -> Result<usize, ApplyError> {
+        let first = self.next_seq(0);
+        let mut stream = encode::Stream::new(table, first, 0);
+        ops(&mut |op| stream.push(&op));
+        let n = stream.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let batch = stream.finish();
+        let mut describe = |i: usize| {
+            let mut found = None;
+            let mut at = 0;
+            ops(&mut |op| {
+                if at == i {
+                    found = Some(op);
+                }
+                at += 1;
+            });
+            let one = Transaction {
+                table: table.clone(),
+                ops: found.into_iter().collect(),
+            };
+            one.describe(0)
+        };
+        self.send_batch(batch, n, &mut describe).map(|()| n)
     }
 
     fn table_intact(&mut self, table: &Table, canary: &str) -> Result<bool, ApplyError> {

@@ -182,7 +182,7 @@ fn nftables_an_endpoint_bucket_and_a_foreign_rule() {
     let (map, bucket) = listing
         .objects
         .iter()
-        .filter(|((k, n), _)| k == "map" && n.starts_with("endpoints-"))
+        .filter(|((k, n), _)| k == "map" && n.contains("endpoints-"))
         .flat_map(|((_, n), o)| o.elements.iter().map(move |e| (n.clone(), e.clone())))
         .find(|(_, e)| e.contains("10.0.0.12"))
         .map(|(n, e)| (n, nft::element_key(&e).to_owned()))
