@@ -79,6 +79,8 @@ pub struct SyncState {
     debug: Option<std::sync::Arc<crate::debug::Hub>>,
     /// When each Service last changed in the kernel (for the debug surface).
     changes: crate::debug::Changes,
+    /// What the work after a sync reads of the desired state, kept per Service (O(changes)).
+    after_index: index::AfterIndex,
 }
 
 /// The node facts the process cannot change without a restart (§2.3).
@@ -107,6 +109,7 @@ impl SyncState {
             service_health: None,
             debug: None,
             changes: crate::debug::Changes::new(),
+            after_index: index::AfterIndex::default(),
         }
     }
 
@@ -360,6 +363,7 @@ impl SyncState {
             &policy,
             &plan,
         );
+        self.after_index.update(&self.desired, &plan);
         let applied = self
             .dataplane
             .as_mut()
@@ -428,6 +432,7 @@ fn unix_now() -> f64 {
 }
 
 mod after;
+mod index;
 mod run;
 
 pub use run::{DRIFT_MAX_PORTS, DRIFT_MIN_INTERVAL, FULL_SYNC_PERIOD, REPAIR_INTERVAL, run};

@@ -123,20 +123,10 @@ impl SyncState {
                     .observe(d.as_secs_f64());
             }
         }
-        for (family, fam) in &self.desired.families {
-            // Counted per Service (its ports share the policy), as upstream counts names.
-            let count = |policy: fn(&kpr_model::desired::ServicePortDesired) -> bool| {
-                fam.ports
-                    .values()
-                    .filter(|sp| {
-                        policy(sp) && sp.local_endpoints.is_empty() && sp.has_any_endpoints
-                    })
-                    .map(|sp| &sp.name.service)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len()
-            };
-            let internal = count(|sp| sp.internal_policy_local);
-            let external = count(|sp| sp.external_policy_local && sp.external.is_some());
+        for family in self.desired.families.keys() {
+            // Counted per Service (its ports share the policy), as upstream counts names;
+            // kept per Service from each sync's plan, not counted over every port.
+            let (internal, external) = self.after_index.no_local_endpoints(*family);
             m.no_local_endpoints
                 .with_label_values(&[family.label(), "internal"])
                 .set(internal as f64);
@@ -212,6 +202,8 @@ impl SyncState {
             return;
         };
         let primary = ctx.node_ips.keys().next().copied().unwrap_or(IpFamily::V4);
+        // The ports with a healthCheckNodePort and ETP=Local, kept per Service from each
+        // sync's plan (a walk over every port here cost O(Services) per endpoint change).
         let mut wanted: std::collections::BTreeMap<
             u16,
             (
@@ -219,29 +211,16 @@ impl SyncState {
                 std::collections::BTreeSet<IpAddr>,
             ),
         > = std::collections::BTreeMap::new();
-        if let Some(fam) = self.desired.families.get(&primary) {
-            for sp in fam.ports.values() {
-                let Some(port) = sp
-                    .health_check_node_port
-                    .filter(|_| sp.external_policy_local)
-                else {
-                    continue;
+        for (name, port, ips) in self.after_index.health_checks(primary) {
+            let entry = wanted.entry(port).or_insert_with(|| {
+                let w = kpr_ops::service_health::Wanted {
+                    namespace: name.service.namespace.clone(),
+                    name: name.service.name.clone(),
+                    local_endpoints: 0,
                 };
-                let entry = wanted.entry(port).or_insert_with(|| {
-                    let w = kpr_ops::service_health::Wanted {
-                        namespace: sp.name.service.namespace.clone(),
-                        name: sp.name.service.name.clone(),
-                        local_endpoints: 0,
-                    };
-                    (w, std::collections::BTreeSet::new())
-                });
-                entry.1.extend(
-                    sp.endpoints
-                        .iter()
-                        .filter(|e| e.local && e.ready)
-                        .map(|e| e.addr.ip()),
-                );
-            }
+                (w, std::collections::BTreeSet::new())
+            });
+            entry.1.extend(ips.iter().copied());
         }
         let wanted = wanted
             .into_iter()
@@ -249,13 +228,20 @@ impl SyncState {
                 w.local_endpoints = ips.len();
                 (p, w)
             })
-            .collect();
-        let addrs = match crate::dataplane::node_port_addrs(node_ports, primary, ctx) {
-            kpr_dataplane::nftables::NodePortAddrs::All => vec![match primary {
-                IpFamily::V4 => IpAddr::from([0, 0, 0, 0]),
-                IpFamily::V6 => IpAddr::from([0u16; 8]),
-            }],
-            kpr_dataplane::nftables::NodePortAddrs::List(ips) => ips,
+            .collect::<std::collections::BTreeMap<_, _>>();
+        // The addresses are needed only to start a server (with nodePortAddresses CIDRs,
+        // finding them runs `ip addr`): not on a sync where every wanted one is running.
+        let running = servers.ports();
+        let addrs = if wanted.keys().all(|p| running.contains(p)) {
+            Vec::new()
+        } else {
+            match crate::dataplane::node_port_addrs(node_ports, primary, ctx) {
+                kpr_dataplane::nftables::NodePortAddrs::All => vec![match primary {
+                    IpFamily::V4 => IpAddr::from([0, 0, 0, 0]),
+                    IpFamily::V6 => IpAddr::from([0u16; 8]),
+                }],
+                kpr_dataplane::nftables::NodePortAddrs::List(ips) => ips,
+            }
         };
         servers.sync(&wanted, &addrs);
     }
