@@ -358,8 +358,8 @@ pub(crate) fn merge_endpoints(
                 serving: ep.serving,
                 terminating: ep.terminating,
                 local: ep.node_name.as_deref() == Some(node),
-                zone_hints: ep.zone_hints.clone(),
-                node_hints: ep.node_hints.clone(),
+                zone_hints: ep.zone_hints().clone(),
+                node_hints: ep.node_hints().clone(),
             };
             match merged.get(&info.addr) {
                 Some(existing) if !existing.terminating || info.terminating => {}

@@ -14,6 +14,7 @@ pub mod desired;
 pub mod explain;
 pub mod input;
 pub mod intent;
+pub mod intern;
 pub mod names;
 pub mod node;
 pub mod objects;

@@ -6,12 +6,14 @@
 //! endpoint with an invalid address), kept without that entry and the drop reported alongside.
 
 use crate::input::ObjectKey;
+use crate::intern::Interner;
 use crate::names::{IpFamily, Protocol, ServiceName};
 use crate::objects::{EndpointSlice, Service, ServiceCidr};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Label that hands a Service to another proxy (KEP-2447): ignored whatever its value.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -66,7 +68,7 @@ pub struct ParsedPort {
 pub struct ParsedService {
     pub name: ServiceName,
     /// At most one ClusterIP per family, from `spec.clusterIPs` (or `spec.clusterIP`).
-    pub cluster_ips: BTreeMap<IpFamily, IpAddr>,
+    pub cluster_ips: ClusterIps,
     pub ports: Vec<ParsedPort>,
     pub external_ips: Vec<IpAddr>,
     /// Load-balancer ingress IPs with `ipMode` unset or `VIP`.
@@ -81,18 +83,82 @@ pub struct ParsedService {
     pub health_check_node_port: Option<u16>,
 }
 
-/// An endpoint of one slice.
+/// A Service's ClusterIPs: at most one per family (the first listed), inline (a map would
+/// cost a ~200-byte node per Service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClusterIps {
+    v4: Option<IpAddr>,
+    v6: Option<IpAddr>,
+}
+
+impl ClusterIps {
+    /// The ClusterIP of this family.
+    pub fn get(&self, family: &IpFamily) -> Option<&IpAddr> {
+        match family {
+            IpFamily::V4 => self.v4.as_ref(),
+            IpFamily::V6 => self.v6.as_ref(),
+        }
+    }
+
+    /// Every ClusterIP, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = (IpFamily, IpAddr)> + '_ {
+        let v4 = self.v4.map(|ip| (IpFamily::V4, ip));
+        v4.into_iter().chain(self.v6.map(|ip| (IpFamily::V6, ip)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps `ip` unless its family has a ClusterIP already.
+    fn add_first(&mut self, ip: IpAddr) {
+        let slot = match IpFamily::of(&ip) {
+            IpFamily::V4 => &mut self.v4,
+            IpFamily::V6 => &mut self.v6,
+        };
+        slot.get_or_insert(ip);
+    }
+}
+
+/// An endpoint of one slice. Compact (64 bytes): a cluster holds one per endpoint; node and
+/// zone names are shared ([`Interner`]) and the rarely set hints are boxed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceEndpoint {
     pub ip: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     /// The endpoint's own zone (shown by explain; selection uses hints).
-    pub zone: Option<String>,
-    pub zone_hints: BTreeSet<String>,
-    pub node_hints: BTreeSet<String>,
+    pub zone: Option<Arc<str>>,
+    /// Its topology hints; `None` when it has neither kind.
+    pub hints: Option<Box<TopologyHints>>,
+}
+
+/// An endpoint's topology hints (§5.2).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopologyHints {
+    pub zones: BTreeSet<String>,
+    pub nodes: BTreeSet<String>,
+}
+
+/// No hints.
+static NO_HINTS: BTreeSet<String> = BTreeSet::new();
+
+impl SliceEndpoint {
+    /// The zones this endpoint is hinted for (empty: none).
+    pub fn zone_hints(&self) -> &BTreeSet<String> {
+        self.hints.as_ref().map_or(&NO_HINTS, |h| &h.zones)
+    }
+
+    /// The nodes this endpoint is hinted for (empty: none).
+    pub fn node_hints(&self) -> &BTreeSet<String> {
+        self.hints.as_ref().map_or(&NO_HINTS, |h| &h.nodes)
+    }
 }
 
 /// A slice port: name (`""` unnamed), protocol, port.
@@ -159,10 +225,10 @@ pub fn parse_service(
     {
         return Ok(None);
     }
-    let mut cluster_ips = BTreeMap::new();
+    let mut cluster_ips = ClusterIps::default();
     for raw in &listed {
         let ip = parse_ip(raw).ok_or_else(|| skip(format!("invalid clusterIP {raw:?}")))?;
-        cluster_ips.entry(IpFamily::of(&ip)).or_insert(ip);
+        cluster_ips.add_first(ip);
     }
 
     let mut ports = Vec::new();
@@ -312,6 +378,15 @@ pub fn parse_slice(
     slice: &EndpointSlice,
     notes: &mut Vec<Skipped>,
 ) -> Result<Option<ParsedSlice>, Skipped> {
+    parse_slice_with(slice, notes, &mut Interner::default())
+}
+
+/// [`parse_slice`], sharing node and zone names through `names`.
+pub fn parse_slice_with(
+    slice: &EndpointSlice,
+    notes: &mut Vec<Skipped>,
+    names: &mut Interner,
+) -> Result<Option<ParsedSlice>, Skipped> {
     let key = ObjectKey::of(&slice.metadata);
     let skip = |reason: String| Skipped {
         kind: "EndpointSlice",
@@ -409,25 +484,33 @@ pub fn parse_slice(
         }
         let cond = ep.conditions.as_ref();
         let hints = ep.hints.as_ref();
-        endpoints.push(SliceEndpoint {
-            ip,
-            ready: cond.and_then(|c| c.ready).unwrap_or(true),
-            serving: cond.and_then(|c| c.serving).unwrap_or(true),
-            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: ep.node_name.clone().filter(|n| !n.is_empty()),
-            zone: ep.zone.clone().filter(|z| !z.is_empty()),
-            zone_hints: hints
+        let hints = TopologyHints {
+            zones: hints
                 .and_then(|h| h.for_zones.as_ref())
                 .into_iter()
                 .flatten()
                 .map(|z| z.name.clone())
                 .collect(),
-            node_hints: hints
+            nodes: hints
                 .and_then(|h| h.for_nodes.as_ref())
                 .into_iter()
                 .flatten()
                 .map(|n| n.name.clone())
                 .collect(),
+        };
+        let mut name = |n: &Option<String>| {
+            n.as_deref()
+                .filter(|n| !n.is_empty())
+                .map(|n| names.intern(n))
+        };
+        endpoints.push(SliceEndpoint {
+            ip,
+            ready: cond.and_then(|c| c.ready).unwrap_or(true),
+            serving: cond.and_then(|c| c.serving).unwrap_or(true),
+            terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: name(&ep.node_name),
+            zone: name(&ep.zone),
+            hints: (hints != TopologyHints::default()).then(|| Box::new(hints)),
         });
     }
     let trigger_time = slice

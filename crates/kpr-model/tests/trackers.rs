@@ -283,3 +283,33 @@ proptest! {
         prop_assert_eq!(full(&a), full(&b));
     }
 }
+
+/// Issue 16: endpoints of different slices on one node share one copy of its name, and a
+/// parsed endpoint stays compact (a cluster holds one per endpoint).
+#[test]
+fn node_names_are_shared_between_slices() {
+    let mut t = Trackers::new();
+    for svc in ["a", "b"] {
+        let s = slice("ns", svc, "x")
+            .port("p", 80, "TCP")
+            .ready("10.0.0.1", "node-1")
+            .ready("10.0.0.2", "node-1")
+            .build();
+        t.record(Input::Slices(Update::Apply(s)));
+    }
+    let services = ["a", "b"].map(|svc| kpr_model::ServiceName::new("ns", svc));
+    let names: Vec<_> = services
+        .iter()
+        .flat_map(|svc| t.state().slices(svc))
+        .flat_map(|s| s.endpoints.iter())
+        .map(|e| e.node_name.clone().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4);
+    assert!(names.iter().all(|n| &**n == "node-1"));
+    assert!(
+        names
+            .windows(2)
+            .all(|w| std::sync::Arc::ptr_eq(&w[0], &w[1]))
+    );
+    assert!(std::mem::size_of::<kpr_model::parse::SliceEndpoint>() <= 64);
+}
