@@ -158,7 +158,7 @@ pub struct Rendered {
     slots: BTreeMap<ServicePortName, u32>,
     /// Reference counts of shared elements (ports of one Service share a ClusterIP; Services
     /// share endpoints).
-    shared: BTreeMap<Shared, usize>,
+    shared: std::collections::HashMap<Shared, u32>,
     config: Option<NftConfig>,
     /// The ServiceCIDR ranges `cluster-ips-check` drops.
     service_cidrs: Vec<ipnet::IpNet>,
@@ -468,9 +468,33 @@ fn render_full_with(
         slots: assign_slots(fam, cfg.endpoint_slots),
         ..Rendered::default()
     };
+    // A rule that starts using a map makes the kernel walk the elements the map has at that
+    // moment: the pick chains of plain ports (a few, one per protocol and endpoint count) come
+    // first, so those ports' endpoint elements can go with them; the sharded maps' elements
+    // go last, after every rule that uses them.
+    let picks: BTreeSet<Shared> = fam
+        .ports
+        .values()
+        .filter(|sp| plain(sp))
+        .flat_map(|sp| {
+            let proto = l4(sp.protocol);
+            let n = sp.cluster_endpoints.len().min(BUCKETS as usize) as u32;
+            [Shared::ClusterMap(proto), Shared::Pick(proto, n)]
+        })
+        .collect();
+    tx.ops.extend(
+        picks
+            .iter()
+            .filter(|s| s.map().is_some())
+            .flat_map(|s| s.ops(&ctx)),
+    );
+    tx.ops.extend(
+        picks
+            .iter()
+            .filter(|s| s.map().is_none())
+            .flat_map(|s| s.ops(&ctx)),
+    );
     emit(std::mem::take(&mut tx.ops));
-    // Endpoint-map elements go last, after every rule that uses the maps: a rule that starts
-    // using a map makes the kernel walk the elements the map has at that moment.
     let mut tail = Buckets::default();
     for (name, sp) in &fam.ports {
         let slot = next.slots.get(name).copied();
@@ -479,7 +503,7 @@ fn render_full_with(
         for s in built
             .shared
             .iter()
-            .filter(|s| !next.shared.contains_key(*s))
+            .filter(|s| !next.shared.contains_key(*s) && !picks.contains(*s))
         {
             match s {
                 Shared::Map(..) | Shared::ClusterMap(_) => fresh_maps.extend(s.ops(&ctx)),
@@ -500,8 +524,10 @@ fn render_full_with(
         }));
         tx.ops
             .extend(objs.chains.into_values().flatten().map(Op::AddRule));
-        let (buckets, others): (Vec<Element>, Vec<Element>) =
-            objs.elements.into_iter().partition(|e| e.target.is_some());
+        let (buckets, others): (Vec<Element>, Vec<Element>) = objs
+            .elements
+            .into_iter()
+            .partition(|e| matches!(e.key, Key::Bucket(_)));
         tx.ops.extend(others.into_iter().map(Op::AddElement));
         tail.extend(buckets);
         tx.ops.extend(fresh);
@@ -525,13 +551,13 @@ fn render_full_with(
 struct Buckets {
     maps: Vec<String>,
     index: std::collections::HashMap<String, u16>,
-    elements: Vec<(u16, Key, std::net::SocketAddr)>,
+    elements: Vec<(u16, u32, std::net::SocketAddr)>,
 }
 
 impl Buckets {
     fn extend(&mut self, elements: Vec<Element>) {
         for e in elements {
-            let (b, Some(to)) = (e.key, e.target) else {
+            let (Key::Bucket(b), Some(to)) = (e.key, e.target) else {
                 continue;
             };
             let next = self.maps.len() as u16;
@@ -548,7 +574,7 @@ impl Buckets {
         self.elements.into_iter().map(move |(m, b, to)| {
             Op::AddElement(Element {
                 set: maps.get(usize::from(m)).cloned().unwrap_or_default(),
-                key: b,
+                key: Key::Bucket(b),
                 verdict: None,
                 target: Some(to),
                 comment: None,

@@ -9,7 +9,7 @@ use kpr_nft::{Chain, Element, KeyType, L4Proto, Map, Match, Op, Rule, Statement,
 
 /// An object several ports may need, in a compact form (the committed copy counts
 /// references to about one per endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Shared {
     /// The endpoint map of a protocol's shard.
     Map(L4Proto, u32),
