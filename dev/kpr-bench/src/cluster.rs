@@ -4,8 +4,9 @@
 //!
 //! Service `i` is `bench/s<i>` (zero-padded: name order is index order, so the last index is
 //! the last Service in upstream's chain order) with ClusterIP 172.16.0.0 + 1 + i, port 80 to
-//! endpoint port 8080. Endpoint `k` of Service `i` is 10.64.0.0 + 16 i + an offset: 6..14 for
-//! k >= 1, and for k = 0 the generation mod 6, so each generation moves one endpoint.
+//! endpoint port 8080. Endpoint `k` of Service `i` is 10.64.0.0 + `stride(e)` i + an offset:
+//! 5 + k for k >= 1, and for k = 0 the generation mod 6, so each generation moves one endpoint
+//! (the stride is 16 up to 10 endpoints, the next power of two above E + 5 beyond).
 
 use kpr_model::{EndpointSlice, Service};
 use serde_json::{Value, json};
@@ -42,9 +43,20 @@ pub(crate) fn service(i: u32) -> Value {
     })
 }
 
-fn endpoint_ip(i: u32, k: u32, generation: u32) -> Ipv4Addr {
+/// The addresses of one Service's endpoints: its `e` endpoints and the 5 spare ones endpoint 0
+/// moves through.
+pub(crate) fn stride(e: u32) -> u32 {
+    (e + 6).next_power_of_two().max(16)
+}
+
+/// The most Services of `e` endpoints whose endpoints fit in 10.64.0.0 - 10.255.255.255.
+pub(crate) fn max_services(e: u32) -> u32 {
+    (0xFF_FFFF - 0x40_0000) / stride(e)
+}
+
+fn endpoint_ip(i: u32, e: u32, k: u32, generation: u32) -> Ipv4Addr {
     let offset = if k == 0 { generation % 6 } else { 5 + k };
-    Ipv4Addr::from(0x0A40_0000u32 + i * 16 + offset)
+    Ipv4Addr::from(0x0A40_0000u32 + i * stride(e) + offset)
 }
 
 /// Service `i`'s slice of `e` ready endpoints; `trigger` sets the
@@ -53,7 +65,7 @@ pub(crate) fn slice(i: u32, e: u32, generation: u32, trigger: Option<&str>) -> V
     let endpoints: Vec<Value> = (0..e)
         .map(|k| {
             let node = if k % 2 == 0 { NODE } else { "node-b" };
-            endpoint(&endpoint_ip(i, k, generation).to_string(), node)
+            endpoint(&endpoint_ip(i, e, k, generation).to_string(), node)
         })
         .collect();
     slice_of(i, endpoints, trigger)
@@ -104,4 +116,31 @@ pub(crate) fn typed_service(v: Value) -> Service {
 
 pub(crate) fn typed_slice(v: Value) -> EndpointSlice {
     serde_json::from_value(v).expect("the generated EndpointSlice is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses_of_two_services_never_meet() {
+        assert_eq!(
+            stride(10),
+            16,
+            "the sizes up to 10 endpoints keep their addresses"
+        );
+        assert_eq!(stride(50), 64);
+        for e in [1, 10, 11, 50, 100] {
+            let last = |i| {
+                (0..6)
+                    .map(move |g| endpoint_ip(i, e, 0, g))
+                    .chain((1..e).map(move |k| endpoint_ip(i, e, k, 0)))
+            };
+            let top = last(0).max().expect("addresses");
+            let next = last(1).min().expect("addresses");
+            assert!(top < next, "E = {e}: {top} < {next}");
+        }
+        let top = endpoint_ip(max_services(10) - 1, 10, 9, 0);
+        assert!(top.octets()[0] == 10, "{top} within 10.0.0.0/8");
+    }
 }

@@ -3,16 +3,22 @@
 //! Services, N EndpointSlices and this node's Node. Measures cold start (process start -> first
 //! "Synced ... rules" line, and that sync's own `elapsed_us`), network-programming latency of
 //! EndpointSlice updates (the daemon's `Network programming latency` lines, against the
-//! `last-change-trigger-time` each update carries), peak RSS and CPU per 1,000 changes.
+//! `last-change-trigger-time` each update carries), peak RSS and CPU per 1,000 changes; then
+//! (nftables mode, issue 16) the memory of a full resync ([`crate::resync`]), the debug surface
+//! while it programs (issue 14), and, at the sizes asked, a second daemon's latency with
+//! periodic syncs running ([`crate::periodic`]).
 
 use crate::Mode;
 use crate::cluster;
 use crate::netns::Netns;
+use crate::periodic::{self, Periodic};
+use crate::resync::{self, Resync};
 use crate::stats::Quantiles;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 /// One mode and size through the daemon.
@@ -31,7 +37,26 @@ pub(crate) struct Daemon {
     pub(crate) services_listing: Option<(Duration, usize)>,
     /// Network-programming latency while the debug endpoints are queried without pause.
     pub(crate) latency_queried: Option<Quantiles>,
+    /// Issue 16: memory and time of a full resync (nftables mode).
+    pub(crate) resync: Option<Resync>,
+    /// Issue 16: programming latency with periodic syncs running (a second daemon).
+    pub(crate) periodic: Option<Periodic>,
     pub(crate) notes: Vec<String>,
+}
+
+/// What to run at one size.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// EndpointSlice updates of the latency phase (and of the debug phase, at most 200).
+    pub(crate) updates: usize,
+    /// Per update phase; a phase stops early past it, saying so.
+    pub(crate) budget: Duration,
+    /// The full resync's memory (nftables mode).
+    pub(crate) resync: bool,
+    /// The debug readers' phase (issue 14); `Some(reason)` skips it.
+    pub(crate) skip_debug: Option<String>,
+    /// The periodic-sync phase.
+    pub(crate) periodic: Option<periodic::Plan>,
 }
 
 /// Between an update's sync and the next update: each update is a sync of its own. 50 ms, not
@@ -43,21 +68,220 @@ const SPACING: Duration = Duration::from_millis(50);
 
 /// Lines of interest, with when they arrived.
 #[derive(Debug, Default)]
-struct Log {
-    synced: Vec<(Instant, String)>,
-    latency: Vec<String>,
-    errors: Vec<String>,
+pub(crate) struct Log {
+    pub(crate) synced: Vec<(Instant, String)>,
+    pub(crate) latency: Vec<(Instant, String)>,
+    /// The repair check's "restoring them" warnings.
+    pub(crate) repairs: Vec<Instant>,
+    pub(crate) errors: Vec<String>,
 }
 
-/// Runs the daemon at one size: `updates` EndpointSlice updates, within `budget`.
-pub(crate) fn measure(
-    bin: &Path,
-    mode: Mode,
+/// A daemon running in a node namespace, its log read line by line.
+pub(crate) struct Running {
+    child: Child,
+    pub(crate) pid: u32,
+    log: Arc<Mutex<Log>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    pub(crate) log_path: PathBuf,
+    pub(crate) started: Instant,
+}
+
+impl Running {
+    /// Starts `bin` in `ns` against `api`, with the flags every run uses and `extra`; its log
+    /// goes to `log_path`.
+    pub(crate) fn start(
+        bin: &Path,
+        ns: &Netns,
+        api: &kpr_apiserver::ApiServer,
+        mode: Mode,
+        extra: &[&str],
+        log_path: PathBuf,
+    ) -> Running {
+        let started = Instant::now();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(bin)
+            .args(["--master", &api.url(), "--proxy-mode", mode.flag()])
+            .args(["--hostname-override", cluster::NODE])
+            .args(["--cluster-cidr", "10.0.0.0/8"])
+            .args(extra)
+            // Metrics and debug endpoints on 127.0.0.1:10249 of the node namespace.
+            .args(["--healthz-port", "0", "-v", "4"])
+            // The back end the library measurements use (a fresh namespace would pick it anyway).
+            .env("KPR_IPTABLES_BACKEND", "nft")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the daemon starts");
+        // `ip netns exec` execs the daemon: same process.
+        let pid = child.id();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let reader = {
+            let (log, stderr) = (log.clone(), child.stderr.take().expect("stderr piped"));
+            let mut file = std::io::LineWriter::new(
+                std::fs::File::create(&log_path).expect("create the daemon's log file"),
+            );
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let now = Instant::now();
+                    let _ = writeln!(file, "{line}");
+                    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+                    if line.contains("] Synced ") {
+                        l.synced.push((now, line));
+                    } else if line.contains("Network programming latency") {
+                        l.latency.push((now, line));
+                    } else if line.contains("restoring them") {
+                        l.repairs.push(now);
+                    } else if line.starts_with('E') || line.starts_with('F') {
+                        l.errors.push(line);
+                    }
+                }
+                let _ = file.flush();
+            })
+        };
+        Running {
+            child,
+            pid,
+            log,
+            reader: Some(reader),
+            log_path,
+            started,
+        }
+    }
+
+    pub(crate) fn log(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// (Synced lines, latency lines) so far.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let l = self.log();
+        (l.synced.len(), l.latency.len())
+    }
+
+    pub(crate) fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the first sync (panics if the daemon exits or `limit` passes); returns the
+    /// time from process start to its line, and its own `elapsed_us`.
+    pub(crate) fn first_sync(&mut self, limit: Duration) -> (Duration, Option<Duration>) {
+        while self.counts().0 == 0 {
+            assert!(
+                self.alive(),
+                "the daemon exited before its first sync (log: {})",
+                self.log_path.display()
+            );
+            assert!(
+                self.started.elapsed() < limit,
+                "no first sync within {limit:?} (log: {})",
+                self.log_path.display()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let l = self.log();
+        let (at, line) = &l.synced[0];
+        (
+            at.duration_since(self.started),
+            field(line, "elapsed_us").map(Duration::from_micros),
+        )
+    }
+
+    /// Waits until no sync has happened for 500 ms (at most 30 s).
+    pub(crate) fn quiet(&self) {
+        let mut last = self.counts();
+        let mut quiet = Instant::now();
+        let settling = Instant::now();
+        while quiet.elapsed() < Duration::from_millis(500)
+            && settling.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.counts();
+            if now != last {
+                last = now;
+                quiet = Instant::now();
+            }
+        }
+    }
+
+    /// Writes one update and waits for its latency line (at most `limit`); false if none came.
+    pub(crate) fn update(
+        &mut self,
+        api: &kpr_apiserver::ApiServer,
+        slices: &mut Slices,
+        limit: Duration,
+    ) -> bool {
+        let before = self.counts().1;
+        slices.write(api);
+        let wait = Instant::now();
+        while self.counts().1 == before && wait.elapsed() < limit {
+            assert!(self.alive(), "the daemon exited during the updates");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.counts().1 > before
+    }
+
+    /// Kills the daemon and waits for its log to end.
+    pub(crate) fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The EndpointSlice updates of one size: update `step` moves one endpoint of Service
+/// `step x 7919 mod N` (a permutation of the Services), each write carrying the moment of
+/// writing as its `last-change-trigger-time`.
+#[derive(Debug)]
+pub(crate) struct Slices {
     n: u32,
     e: u32,
-    updates: usize,
-    budget: Duration,
-) -> Daemon {
+    step: u64,
+    generations: HashMap<u32, u32>,
+}
+
+impl Slices {
+    pub(crate) fn new(n: u32, e: u32) -> Slices {
+        Slices {
+            n,
+            e,
+            step: 0,
+            generations: HashMap::new(),
+        }
+    }
+
+    /// Writes the next update.
+    pub(crate) fn write(&mut self, api: &kpr_apiserver::ApiServer) {
+        self.step += 1;
+        let svc = (self.step * 7919 % u64::from(self.n)) as u32;
+        let g = self.generations.entry(svc).or_default();
+        *g += 1;
+        let trigger = kpr_ops::time::rfc3339_nano(SystemTime::now());
+        api.apply(cluster::slice(svc, self.e, *g, Some(&trigger)));
+    }
+}
+
+/// The latencies (`max_us`) of some latency lines.
+pub(crate) fn latencies(lines: &[(Instant, String)]) -> Vec<Duration> {
+    lines
+        .iter()
+        .filter_map(|(_, line)| field(line, "max_us"))
+        .map(Duration::from_micros)
+        .collect()
+}
+
+/// Runs the daemon at one size.
+pub(crate) fn measure(bin: &Path, mode: Mode, n: u32, e: u32, plan: &Plan) -> Daemon {
     let ns = Netns::new(&format!("dmn-{}-{n}x{e}", mode.short()));
     // The node's InternalIP on an interface, as on a node (a veth pair: no dummy module here).
     ns.sh(&format!(
@@ -65,89 +289,34 @@ pub(crate) fn measure(
         cluster::NODE_IP
     ));
     let (rt, mut api) = api_server(&ns);
+    let t = Instant::now();
     api.apply(cluster::node());
     for i in 0..n {
         api.apply(cluster::service(i));
         api.apply(cluster::slice(i, e, 0, None));
     }
+    eprintln!("   API server preloaded in {:?}", t.elapsed());
 
     let log_path = std::env::temp_dir().join(format!("{}.log", ns.name()));
-    let start = Instant::now();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(bin)
-        .args(["--master", &api.url(), "--proxy-mode", mode.flag()])
-        .args(["--hostname-override", cluster::NODE])
-        .args(["--cluster-cidr", "10.0.0.0/8"])
-        .args(["--iptables-min-sync-period", "0s"])
-        // Metrics and debug endpoints on 127.0.0.1:10249 of the node namespace.
-        .args(["--healthz-port", "0", "-v", "4"])
-        // The back end the library measurements use (a fresh namespace would pick it anyway).
-        .env("KPR_IPTABLES_BACKEND", "nft")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the daemon starts");
-    // `ip netns exec` execs the daemon: same process.
-    let pid = child.id();
-    let log = Arc::new(Mutex::new(Log::default()));
-    let reader = {
-        let (log, stderr) = (log.clone(), child.stderr.take().expect("stderr piped"));
-        let mut file = std::io::LineWriter::new(
-            std::fs::File::create(&log_path).expect("create the daemon's log file"),
-        );
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let now = Instant::now();
-                let _ = writeln!(file, "{line}");
-                let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-                if line.contains("] Synced ") {
-                    l.synced.push((now, line));
-                } else if line.contains("Network programming latency") {
-                    l.latency.push(line);
-                } else if line.starts_with('E') || line.starts_with('F') {
-                    l.errors.push(line);
-                }
-            }
-            let _ = file.flush();
-        })
-    };
+    let mut d = Running::start(
+        bin,
+        &ns,
+        &api,
+        mode,
+        // Every update its own sync, at once.
+        &["--iptables-min-sync-period", "0s"],
+        log_path.clone(),
+    );
     let mut out = Daemon::default();
-    let counts = |log: &Arc<Mutex<Log>>| {
-        let l = log.lock().unwrap_or_else(|e| e.into_inner());
-        (l.synced.len(), l.latency.len())
-    };
-    let alive = |child: &mut std::process::Child| matches!(child.try_wait(), Ok(None));
+    let what = format!("daemon {} {n}x{e}", mode.flag());
 
     // Cold start: the first sync, within a generous bound.
-    let limit = Duration::from_secs(300);
-    while counts(&log).0 == 0 {
-        assert!(
-            alive(&mut child),
-            "the daemon exited before its first sync (log: {})",
-            log_path.display()
-        );
-        assert!(
-            start.elapsed() < limit,
-            "no first sync within {limit:?} (log: {})",
-            log_path.display()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    {
-        let l = log.lock().unwrap_or_else(|e| e.into_inner());
-        let (at, line) = &l.synced[0];
-        out.cold_start = Some(at.duration_since(start));
-        out.first_sync = field(line, "elapsed_us").map(Duration::from_micros);
-    }
+    let (cold, first) = d.first_sync(Duration::from_secs(600));
+    out.cold_start = Some(cold);
+    out.first_sync = first;
     // Correctness: the rules are in the kernel.
     match mode {
-        Mode::Nftables => assert!(
-            ns.sh("nft list tables").contains("kube-proxy-rs"),
-            "the daemon's table is in the kernel"
-        ),
+        Mode::Nftables => assert!(nft_intact(&ns), "the daemon's table is in the kernel"),
         Mode::Iptables => assert!(
             ns.sh("iptables-nft-save -t nat")
                 .contains("-A KUBE-SERVICES"),
@@ -155,49 +324,25 @@ pub(crate) fn measure(
         ),
     }
     // Quiet: no sync for 500 ms (a second sync may follow the first).
-    let mut last = counts(&log);
-    let mut quiet = Instant::now();
-    let settling = Instant::now();
-    while quiet.elapsed() < Duration::from_millis(500)
-        && settling.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = counts(&log);
-        if now != last {
-            last = now;
-            quiet = Instant::now();
-        }
-    }
+    d.quiet();
 
-    let cpu_before = cpu_ticks(pid);
-    let mut generations = std::collections::HashMap::<u32, u32>::new();
-    let mut update = |count: usize, out: &mut Daemon, child: &mut std::process::Child| {
+    let cpu_before = cpu_ticks(d.pid);
+    let mut slices = Slices::new(n, e);
+    let mut update = |count: usize, out: &mut Daemon, d: &mut Running| {
         let phase = Instant::now();
         let mut done = 0usize;
         for step in 1..=count {
-            if done >= count.min(5) && phase.elapsed() > budget {
+            if done >= count.min(5) && phase.elapsed() > plan.budget {
                 out.notes.push(format!(
-                    "capped: daemon {} {n}x{e}: {done} of {count} EndpointSlice updates (time budget {budget:?})",
-                    mode.flag()
+                    "capped: {what}: {done} of {count} EndpointSlice updates (time budget {:?})",
+                    plan.budget
                 ));
                 break;
             }
-            let svc = (step as u64 * 7919 % u64::from(n)) as u32;
-            let g = generations.entry(svc).or_default();
-            *g += 1;
-            let before = counts(&log).1;
-            let trigger = kpr_ops::time::rfc3339_nano(SystemTime::now());
-            api.apply(cluster::slice(svc, e, *g, Some(&trigger)));
-            let wait = Instant::now();
             let limit = Duration::from_secs(120);
-            while counts(&log).1 == before && wait.elapsed() < limit {
-                assert!(alive(child), "the daemon exited during the updates");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if counts(&log).1 == before {
+            if !d.update(&api, &mut slices, limit) {
                 out.notes.push(format!(
-                    "daemon {} {n}x{e}: update {step} not synced within {limit:?}: updates stopped",
-                    mode.flag()
+                    "{what}: update {step} not synced within {limit:?}: updates stopped"
                 ));
                 break;
             }
@@ -206,117 +351,153 @@ pub(crate) fn measure(
         }
         done
     };
-    let done = update(updates, &mut out, &mut child);
-    let cpu_after = cpu_ticks(pid);
+    let done = update(plan.updates, &mut out, &mut d);
+    let quiet_lines = d.counts().1;
+    let cpu_after = cpu_ticks(d.pid);
     if let (Some(a), Some(b)) = (cpu_before, cpu_after)
         && done > 0
     {
         let secs = (b - a) as f64 / clock_ticks() as f64;
         out.cpu_per_1000 = Some(secs * 1000.0 / done as f64);
     }
-    // The proxy's own peak, before the debug readers below (whose kernel readings render
-    // and list every rule: a debugging cost, reported in the notes).
-    out.peak_rss_kib = status_kib(pid, "VmHWM");
+    // The proxy's own peak, before the resync and the debug readers below (whose kernel
+    // readings render and list every rule: a debugging cost, reported in the notes).
+    out.peak_rss_kib = status_kib(d.pid, "VmHWM");
+    // Issue 16: a full resync, as the hourly one, and its memory.
+    if plan.resync {
+        eprintln!("   full resync (our masquerading chain flushed; the repair check resyncs)");
+        let r = resync::measure(&ns, &mut d, Duration::from_secs(600));
+        out.notes
+            .extend(r.notes.iter().map(|n| format!("{what}: {n}")));
+        out.resync = Some(r);
+        d.quiet();
+    }
+    // From here the peak is the debug phase's alone (where the kernel lets it be reset).
+    let reset = reset_peak(d.pid);
     // Issue 14: the same updates again while a reader queries the debug endpoints without
     // pause (explain for random Services, and every 20th request the whole /debug/services).
-    let quiet_lines = counts(&log).1;
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let (explains, listing, queried_done) = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| {
-            crate::netns::enter(ns.name());
-            // The reader stands for a client on another machine: its own CPU (building
-            // requests, reading 20 MB answers) must not count against the proxy on these two
-            // cores, so it runs only when a CPU is otherwise idle. The proxy's side of every
-            // request (accepting, parsing, explaining, streaming) still counts.
-            let idle = thread_priority::ThreadSchedulePolicy::Normal(
-                thread_priority::NormalThreadSchedulePolicy::Idle,
-            );
-            let _ = thread_priority::set_thread_priority_and_policy(
-                thread_priority::thread_native_id(),
-                thread_priority::ThreadPriority::Min,
-                idle,
-            );
-            let mut explains = Vec::new();
-            let mut client = Client::default();
-            let mut listing = None;
-            let mut i = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                i += 1;
-                if i.is_multiple_of(20) {
-                    if let Some((t, bytes)) = client.get("/debug/services") {
-                        listing = Some((t, bytes));
-                    }
-                    continue;
-                }
-                let svc = (u64::from(i) * 104_729 % u64::from(n)) as u32;
-                let path = format!(
-                    "/debug/explain?from=10.0.0.5&to={}:80&proto=tcp",
-                    cluster::cluster_ip(svc)
-                );
-                if let Some((t, _)) = client.get(&path) {
-                    explains.push(t);
-                }
-            }
-            (explains, listing)
-        });
-        let done = update(updates.min(200), &mut out, &mut child);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (explains, listing) = reader.join().unwrap_or_default();
-        (explains, listing, done)
-    });
-    out.explain = Quantiles::of(explains);
-    out.services_listing = listing;
-    if let (Some(before), Some(after)) = (out.peak_rss_kib, status_kib(pid, "VmHWM"))
-        && after > before
-    {
-        out.notes.push(format!(
-            "daemon {} {n}x{e}: peak RSS {:.0} MB while the debug endpoints were queried (explain reads the kernel's rules)",
-            mode.flag(),
-            after as f64 * 1024.0 / 1e6
-        ));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
-    rt.block_on(api.stop());
-    let l = log.lock().unwrap_or_else(|e| e.into_inner());
-    let of = |lines: &[String]| -> Vec<Duration> {
-        lines
-            .iter()
-            .filter_map(|line| field(line, "max_us"))
-            .map(Duration::from_micros)
-            .collect()
-    };
-    let split = quiet_lines.min(l.latency.len());
-    let latencies = of(&l.latency[..split]);
-    if queried_done > 0 {
-        out.latency_queried = Quantiles::of(of(&l.latency[split..]));
-    }
-    if latencies.len() < done {
-        out.notes.push(format!(
-            "daemon {} {n}x{e}: {} latency lines for {done} updates",
-            mode.flag(),
-            latencies.len()
-        ));
-    }
-    out.latency = Quantiles::of(latencies);
-    if !l.errors.is_empty() {
-        out.notes.push(format!(
-            "daemon {} {n}x{e}: {} error lines, first: {}",
-            mode.flag(),
-            l.errors.len(),
-            l.errors[0]
-        ));
-    }
-    drop(l);
-    drop(ns);
-    if out.notes.is_empty() && std::env::var_os("KPR_BENCH_KEEP").is_none() {
-        let _ = std::fs::remove_file(&log_path);
-    } else {
+    let queried_from = d.counts().1;
+    let mut queried_done = 0;
+    if let Some(why) = &plan.skip_debug {
         out.notes
-            .push(format!("daemon log kept: {}", log_path.display()));
+            .push(format!("skipped: {what}: the debug-reader phase ({why})"));
+    } else {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (explains, listing, done) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| debug_reader(&ns, n, &stop));
+            let done = update(plan.updates.min(200), &mut out, &mut d);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (explains, listing) = reader.join().unwrap_or_default();
+            (explains, listing, done)
+        });
+        queried_done = done;
+        out.explain = Quantiles::of(explains);
+        out.services_listing = listing;
+        if let (Some(before), Some(after)) = (out.peak_rss_kib, status_kib(d.pid, "VmHWM"))
+            && after > before
+        {
+            out.notes.push(format!(
+                "{what}: peak RSS {:.0} MB while the debug endpoints were queried (explain reads the kernel's rules){}",
+                after as f64 * 1024.0 / 1e6,
+                if reset {
+                    ""
+                } else {
+                    "; VmHWM could not be reset, so it may be the resync's"
+                }
+            ));
+        }
+    }
+    d.stop();
+    {
+        let l = d.log();
+        let split = quiet_lines.min(l.latency.len());
+        let quiet = latencies(&l.latency[..split]);
+        if queried_done > 0 {
+            let from = queried_from.min(l.latency.len());
+            out.latency_queried = Quantiles::of(latencies(&l.latency[from..]));
+        }
+        if quiet.len() < done {
+            out.notes.push(format!(
+                "{what}: {} latency lines for {done} updates",
+                quiet.len()
+            ));
+        }
+        out.latency = Quantiles::of(quiet);
+        if !l.errors.is_empty() {
+            out.notes.push(format!(
+                "{what}: {} error lines, first: {}",
+                l.errors.len(),
+                l.errors[0]
+            ));
+        }
+    }
+    let mut logs = vec![log_path];
+    // Issue 16: a second daemon, with periodic syncs every second, over the same API server.
+    if let Some(p) = &plan.periodic {
+        let path = std::env::temp_dir().join(format!("{}-periodic.log", ns.name()));
+        let r = periodic::measure(bin, &ns, &api, mode, &mut slices, p, path.clone());
+        out.notes
+            .extend(r.notes.iter().map(|n| format!("{what}: {n}")));
+        out.periodic = Some(r);
+        logs.push(path);
+    }
+    rt.block_on(api.stop());
+    drop(ns);
+    let keep = !out.notes.is_empty() || std::env::var_os("KPR_BENCH_KEEP").is_some();
+    for path in logs {
+        if keep {
+            out.notes
+                .push(format!("daemon log kept: {}", path.display()));
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
     }
     out
+}
+
+/// Queries the debug endpoints without pause until `stop` (explain for Services in a scattered
+/// order; every 20th request the whole `/debug/services`): the explain round trips, and the
+/// last listing's time and size.
+fn debug_reader(
+    ns: &Netns,
+    n: u32,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (Vec<Duration>, Option<(Duration, usize)>) {
+    crate::netns::enter(ns.name());
+    // The reader stands for a client on another machine: its own CPU (building requests,
+    // reading 20 MB answers) must not count against the proxy on these two cores, so it runs
+    // only when a CPU is otherwise idle. The proxy's side of every request (accepting,
+    // parsing, explaining, streaming) still counts.
+    let idle = thread_priority::ThreadSchedulePolicy::Normal(
+        thread_priority::NormalThreadSchedulePolicy::Idle,
+    );
+    let _ = thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        thread_priority::ThreadPriority::Min,
+        idle,
+    );
+    let mut explains = Vec::new();
+    let mut client = Client::default();
+    let mut listing = None;
+    let mut i = 0u32;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        if i.is_multiple_of(20) {
+            if let Some((t, bytes)) = client.get("/debug/services") {
+                listing = Some((t, bytes));
+            }
+            continue;
+        }
+        let svc = (u64::from(i) * 104_729 % u64::from(n)) as u32;
+        let path = format!(
+            "/debug/explain?from=10.0.0.5&to={}:80&proto=tcp",
+            cluster::cluster_ip(svc)
+        );
+        if let Some((t, _)) = client.get(&path) {
+            explains.push(t);
+        }
+    }
+    (explains, listing)
 }
 
 /// A client of the daemon's metrics address on one kept-alive connection (as a browser or a
@@ -440,7 +621,7 @@ fn clock_ticks() -> u64 {
 }
 
 /// A `kB` line of /proc/PID/status.
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
+pub(crate) fn status_kib(pid: u32, key: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
@@ -449,6 +630,26 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// Our IPv4 table is in `ns`'s kernel and its `masquerading` chain has rules (one netlink rule
+/// dump: `nft list` would read the whole table first, two minutes at 100,000 x 10).
+pub(crate) fn nft_intact(ns: &Netns) -> bool {
+    use kpr_nft::Executor as _;
+    let table = kpr_nft::Table {
+        family: kpr_nft::Family::Ip,
+        name: kpr_dataplane::nftables::layout::TABLE.into(),
+        comment: None,
+    };
+    kpr_nft::Netlink::in_netns(ns.name())
+        .and_then(|mut nl| nl.table_intact(&table, kpr_dataplane::nftables::layout::MASQUERADING))
+        .unwrap_or(false)
+}
+
+/// Resets the process's VmHWM to its VmRSS (`/proc/PID/clear_refs`, Linux 4.0 and later);
+/// false where the kernel does not allow it.
+pub(crate) fn reset_peak(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! What a run prints and writes: the environment (date, kernel, CPUs, tool versions, the
 //! commands to reproduce), the control-plane table (library and daemon columns per mode and
-//! size), the data-plane table, the issue's targets with MET/MISSED, the soak's tables (issue
-//! 15), and the notes (every cap and skip); and the generated parts of docs/benchmarks.md,
-//! between their marker comments.
+//! size), the periodic-sync and full-resync tables (issue 16), the data-plane table, the
+//! issues' targets with MET/MISSED (issue 7, issue 16), the soak's tables (issue 15), and the
+//! notes (every cap and skip); and the generated parts of docs/benchmarks.md, between their
+//! marker comments.
 
 use crate::Mode;
 use crate::daemon::Daemon;
@@ -58,6 +59,16 @@ fn q(x: &Option<Quantiles>) -> String {
     x.map_or_else(dash, |q| {
         format!("{} / {} ({})", fmt_dur(q.p50), fmt_dur(q.p99), q.count)
     })
+}
+
+/// KiB as `12 MB` (10^6 bytes, as the targets are written).
+fn mb(kib: u64) -> String {
+    format!("{:.0} MB", kib as f64 * 1024.0 / 1e6)
+}
+
+/// KiB as `12.3 MiB`.
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
 fn size(n: u32, e: u32) -> String {
@@ -137,8 +148,8 @@ fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
 /// The control-plane table, markdown.
 pub(crate) fn control_plane_table(rows: &[Row]) -> String {
     let mut s = String::new();
-    s.push_str("| mode | N x E | cold full sync | floor | ratio | endpoint change p50 / p99 (n) | new Service p50 / p99 (n) | rules / elements | restore input: change / full | daemon cold start (first sync) | daemon programming latency p50 / p99 (n) | peak RSS | CPU s / 1000 changes |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| mode | N x E | cold full sync | floor | ratio | endpoint change p50 / p99 (n) | new Service p50 / p99 (n) | rules / elements | restore input: change / full | daemon cold start (first sync) | daemon cold start / floor | daemon programming latency p50 / p99 (n) | peak RSS | CPU s / 1000 changes |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let (cold, floor, rat, change, add, count, bytes) = match &r.lib {
             Some(l) => (
@@ -154,23 +165,23 @@ pub(crate) fn control_plane_table(rows: &[Row]) -> String {
             ),
             None => (dash(), dash(), dash(), dash(), dash(), dash(), dash()),
         };
-        let (start, lat, rss, cpu) = match &r.daemon {
+        let (start, vs, lat, rss, cpu) = match &r.daemon {
             Some(d) => (
                 match (d.cold_start, d.first_sync) {
                     (Some(c), Some(f)) => format!("{} ({})", fmt_dur(c), fmt_dur(f)),
                     (Some(c), None) => fmt_dur(c),
                     _ => dash(),
                 },
+                ratio(d.cold_start, r.lib.as_ref().and_then(|l| l.floor)),
                 q(&d.latency),
-                d.peak_rss_kib
-                    .map_or_else(dash, |k| format!("{:.0} MB", k as f64 * 1024.0 / 1e6)),
+                d.peak_rss_kib.map_or_else(dash, mb),
                 d.cpu_per_1000.map_or_else(dash, |c| format!("{c:.2}")),
             ),
-            None => (dash(), dash(), dash(), dash()),
+            None => (dash(), dash(), dash(), dash(), dash()),
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {cold} | {floor} | {rat} | {change} | {add} | {count} | {bytes} | {start} | {lat} | {rss} | {cpu} |",
+            "| {} | {} | {cold} | {floor} | {rat} | {change} | {add} | {count} | {bytes} | {start} | {vs} | {lat} | {rss} | {cpu} |",
             r.mode.flag(),
             size(r.n, r.e),
         );
@@ -185,7 +196,10 @@ pub(crate) fn debug_table(rows: &[Row]) -> String {
     s.push_str("| mode | N x E | /debug/explain p50 / p99 (n) | /debug/services, whole answer | programming latency p50 / p99, quiet | the same while queried |\n");
     s.push_str("|---|---|---|---|---|---|\n");
     for r in rows {
-        let Some(d) = &r.daemon else { continue };
+        // Sizes whose debug phase was skipped (the notes say why) have no row.
+        let Some(d) = r.daemon.as_ref().filter(|d| d.latency_queried.is_some()) else {
+            continue;
+        };
         let listing = d.services_listing.map_or_else(dash, |(t, b)| {
             format!(
                 "{} ({} KB, streamed)",
@@ -201,6 +215,65 @@ pub(crate) fn debug_table(rows: &[Row]) -> String {
             q(&d.explain),
             q(&d.latency),
             q(&d.latency_queried),
+        );
+    }
+    s
+}
+
+/// The periodic-sync table (issue 16), markdown: the second daemon's programming latency with
+/// a sync every syncPeriod, and the probes just after one.
+pub(crate) fn periodic_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| mode | N x E | syncPeriod / minSyncPeriod | updates, apart | programming latency p50 / p99 (n) | max | periodic syncs that changed nothing | updates 2-20 ms after one: delayed by its window? | restart over the table (first sync) |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let Some(p) = r.daemon.as_ref().and_then(|d| d.periodic.as_ref()) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} / {} | {} written, {}-{} ms ({:.0} s) | {} | {} | {} | {} | {} ({}) |",
+            r.mode.flag(),
+            size(r.n, r.e),
+            fmt_dur(p.plan.sync_period),
+            fmt_dur(p.plan.min_sync_period),
+            p.written,
+            p.plan.gap_ms.0,
+            p.plan.gap_ms.1,
+            p.phase.as_secs_f64(),
+            q(&p.latency),
+            p.max.map_or_else(dash, fmt_dur),
+            p.noop_syncs,
+            p.probes_summary(),
+            fmt_dur(p.restart.0),
+            p.restart.1.map_or_else(dash, fmt_dur),
+        );
+    }
+    s
+}
+
+/// The full-resync table (issue 16), markdown: memory before, during and after a full resync
+/// of the running daemon, and its time.
+pub(crate) fn resync_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| mode | N x E | operations | VmRSS before | peak during the resync | growth | VmRSS after | the resync's sync | flush -> restored |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let Some(x) = r.daemon.as_ref().and_then(|d| d.resync.as_ref()) else {
+            continue;
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | +{:.1} MiB | {} | {} | {} |",
+            r.mode.flag(),
+            size(r.n, r.e),
+            x.operations.map_or_else(dash, thousands),
+            mib(x.before_kib),
+            mib(x.peak_kib),
+            x.growth_mib(),
+            mib(x.after_kib),
+            x.elapsed.map_or_else(dash, fmt_dur),
+            fmt_dur(x.restored),
         );
     }
     s
@@ -320,6 +393,134 @@ pub(crate) fn targets(res: &Results) -> Vec<String> {
     out
 }
 
+/// Issue 16's targets (nftables mode, the daemon against the test API server), one line per
+/// row of its table, each MET, MISSED or not measured (and why).
+pub(crate) fn targets_16(res: &Results) -> Vec<String> {
+    let row = |n: u32, e: u32| {
+        res.rows
+            .iter()
+            .find(|r| r.mode == Mode::Nftables && r.n == n && r.e == e)
+    };
+    let lib = |n, e| row(n, e).and_then(|r| r.lib.as_ref());
+    let dmn = |n, e| row(n, e).and_then(|r| r.daemon.as_ref());
+    let mut out = Vec::new();
+    let mut check = |what: &str, got: Result<(String, bool), &str>| {
+        out.push(match got {
+            Ok((v, ok)) => format!("{}: {what}: {v}", if ok { "MET" } else { "MISSED" }),
+            Err(why) => format!("not measured: {what} ({why})"),
+        });
+    };
+    const SIZE: &str = "size not in this run";
+    const PHASE: &str = "phase not in this run";
+    let under = |d: Option<Duration>, limit: Duration, why: &'static str| {
+        d.map(|d| (fmt_dur(d), d < limit)).ok_or(why)
+    };
+    let rss_under = |d: Option<&Daemon>, limit_mb: f64| {
+        d.and_then(|d| d.peak_rss_kib)
+            .map(|k| (mb(k), k as f64 * 1024.0 / 1e6 < limit_mb))
+            .ok_or(SIZE)
+    };
+    check(
+        "new Service at 10,000 x 10, event -> kernel, p99 < 5 ms (library)",
+        under(
+            lib(10_000, 10).and_then(|l| l.add.map(|q| q.p99)),
+            Duration::from_millis(5),
+            SIZE,
+        ),
+    );
+    let periodic = dmn(10_000, 10).map(|d| d.periodic.as_ref());
+    check(
+        "programming latency p99 at 10,000 x 10, changes 50-1000 ms apart, with periodic syncs running < 20 ms",
+        match periodic {
+            None => Err(SIZE),
+            Some(None) => Err(PHASE),
+            Some(Some(p)) => p
+                .latency
+                .map(|q| {
+                    (
+                        format!(
+                            "{} ({} changes, {} periodic syncs meanwhile)",
+                            fmt_dur(q.p99),
+                            q.count,
+                            p.noop_syncs
+                        ),
+                        q.p99 < Duration::from_millis(20),
+                    )
+                })
+                .ok_or("no latency line"),
+        },
+    );
+    check(
+        "a sync that changes nothing never delays the next change (10,000 x 10, updates 2-20 ms after a periodic sync, minSyncPeriod 30 ms)",
+        match periodic {
+            None => Err(SIZE),
+            Some(None) => Err(PHASE),
+            Some(Some(p)) if p.probes.is_empty() => Err("no probe ran"),
+            Some(Some(p)) => Ok((p.probes_summary(), p.delayed() == 0)),
+        },
+    );
+    check(
+        "daemon peak RSS at 10,000 x 10 < 60 MB",
+        rss_under(dmn(10_000, 10), 60.0),
+    );
+    check(
+        "daemon peak RSS at 30,000 x 10 < 150 MB",
+        rss_under(dmn(30_000, 10), 150.0),
+    );
+    check(
+        "memory during the (hourly) full resync at 10,000 x 10 < +20 MiB",
+        match dmn(10_000, 10).map(|d| d.resync.as_ref()) {
+            None => Err(SIZE),
+            Some(None) => Err(PHASE),
+            Some(Some(x)) => Ok((
+                format!(
+                    "+{:.1} MiB ({} -> {})",
+                    x.growth_mib(),
+                    mib(x.before_kib),
+                    mib(x.peak_kib)
+                ),
+                x.growth_mib() < 20.0,
+            )),
+        },
+    );
+    check(
+        "daemon cold start at 5,000 x 50 < 3 s",
+        under(
+            dmn(5_000, 50).and_then(|d| d.cold_start),
+            Duration::from_secs(3),
+            SIZE,
+        ),
+    );
+    check(
+        "daemon endpoint change (programming latency) p99 at 5,000 x 50 < 2 ms",
+        under(
+            dmn(5_000, 50).and_then(|d| d.latency.map(|q| q.p99)),
+            Duration::from_millis(2),
+            SIZE,
+        ),
+    );
+    check(
+        "daemon cold start at 100,000 x 10 < 30 s",
+        under(
+            dmn(100_000, 10).and_then(|d| d.cold_start),
+            Duration::from_secs(30),
+            SIZE,
+        ),
+    );
+    check(
+        "daemon peak RSS at 100,000 x 10 < 600 MB",
+        rss_under(dmn(100_000, 10), 600.0),
+    );
+    check(
+        "CPU per 1,000 endpoint changes at 10,000 x 10 < 1 s",
+        dmn(10_000, 10)
+            .and_then(|d| d.cpu_per_1000)
+            .map(|c| (format!("{c:.2} s"), c < 1.0))
+            .ok_or(SIZE),
+    );
+    out
+}
+
 /// The whole report, markdown (printed, and written into the docs).
 pub(crate) fn render(res: &Results) -> String {
     let mut s = String::new();
@@ -350,6 +551,9 @@ pub(crate) fn render(res: &Results) -> String {
         main_sections(&mut s, res);
     }
     if !res.soak.is_empty() {
+        if !(res.rows.is_empty() && res.dp.is_empty()) {
+            s.push('\n');
+        }
         s.push_str("### Soak (issue 15)\n\n");
         s.push_str(&crate::soak::render(&res.soak));
     }
@@ -367,6 +571,18 @@ fn main_sections(s: &mut String, res: &Results) {
     s.push_str("### Control plane\n\n");
     s.push_str(&control_plane_table(&res.rows));
     s.push('\n');
+    let periodic = periodic_table(&res.rows);
+    if periodic.lines().count() > 2 {
+        s.push_str("### Programming latency with periodic syncs running (issue 16)\n\n");
+        s.push_str(&periodic);
+        s.push('\n');
+    }
+    let resync = resync_table(&res.rows);
+    if resync.lines().count() > 2 {
+        s.push_str("### Memory during a full resync (issue 16)\n\n");
+        s.push_str(&resync);
+        s.push('\n');
+    }
     s.push_str("### Debug surface while programming (issue 14)\n\n");
     s.push_str(&debug_table(&res.rows));
     s.push('\n');
@@ -375,6 +591,10 @@ fn main_sections(s: &mut String, res: &Results) {
     s.push('\n');
     s.push_str("### Targets (issue 7, nftables mode)\n\n");
     for t in targets(res) {
+        let _ = writeln!(s, "- {t}");
+    }
+    s.push_str("\n### Targets (issue 16, nftables mode)\n\n");
+    for t in targets_16(res) {
         let _ = writeln!(s, "- {t}");
     }
 }
