@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks of issue 7 in one command: builds kpr-bench and the daemon, then runs kpr-bench
 # as root (asking sudo when not root). It works only inside network namespaces it creates and
-# always deletes, and prints the tables; a default run (release build, ~15 minutes on a 2-core
+# always deletes, and prints the tables; a default run (release build, ~17 minutes on a 2-core
 # machine) also writes them into docs/benchmarks.md. `--quick` runs tiny sizes on a debug build
 # in well under a minute (scripts/test.sh runs it so the harness cannot rot, a tiny soak
 # included); it prints timings, never asserts them. `--phases soak` runs issue 15's soak (no

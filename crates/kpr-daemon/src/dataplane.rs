@@ -284,6 +284,16 @@ impl Dataplane {
         }
     }
 
+    /// Before a full sync (nftables mode): forgets what was committed, which the full sync
+    /// replaces whole, so the old copy is not held beside the new one. The table stays in
+    /// the kernel, so the sync is a full one in one transaction, not a cold start.
+    pub fn forget_committed(&mut self) {
+        if let Backend::Nft { rendered, .. } = &mut self.backend {
+            // Kept as an empty copy: "forgotten", which the sync tells from never committed.
+            rendered.values_mut().for_each(|r| *r = Rendered::default());
+        }
+    }
+
     /// Whether every family's rules are still as we left them (present, not flushed).
     pub fn verify(&mut self) -> bool {
         match &mut self.backend {
@@ -331,6 +341,9 @@ fn sync_nft(
 ) -> Vec<FamilyFailure> {
     let mut failed = Vec::new();
     for (family, fam) in &desired.families {
+        // Committed, then forgotten for this full sync (`forget_committed`): our table is
+        // there, so it is replaced in one transaction, never rebuilt as a cold start.
+        let forgotten = rendered.get(family).is_some_and(Rendered::is_empty);
         let committed = rendered.entry(*family).or_default();
         let full = plan.full || committed.is_empty();
         // NodePort addresses (which may mean listing interfaces) are worked out on full
@@ -346,6 +359,7 @@ fn sync_nft(
         // Cold start (no table of ours in the kernel): bounded transactions, so no single
         // one holds the nftables mutex for long. Otherwise one atomic transaction.
         let cold = committed.is_empty()
+            && !forgotten
             && !exec
                 .table_intact(&table(*family), layout::MASQUERADING)
                 .unwrap_or(false);

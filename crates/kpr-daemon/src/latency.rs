@@ -7,11 +7,18 @@ use kpr_ops::time::parse_rfc3339;
 use std::time::{Duration, SystemTime};
 
 /// The latency of each trigger time up to `committed`; unparsable or future times are
-/// skipped (clock skew between the controller and this node), as upstream does.
-pub fn network_programming(trigger_times: &[String], committed: SystemTime) -> Vec<Duration> {
+/// skipped (clock skew between the controller and this node), and so are times not after
+/// `since`, when this process began tracking changes (a restart's first list carries the
+/// trigger times of changes made before it: not its latency), as upstream does.
+pub fn network_programming(
+    trigger_times: &[String],
+    since: SystemTime,
+    committed: SystemTime,
+) -> Vec<Duration> {
     trigger_times
         .iter()
         .filter_map(|t| parse_rfc3339(t))
+        .filter(|t| *t > since)
         .filter_map(|t| committed.duration_since(t).ok())
         .collect()
 }
@@ -34,8 +41,20 @@ mod tests {
                 "garbage".into(),
                 "2026-11-24T11:49:00Z".into(),
             ],
+            at(0, 0),
             now,
         );
         assert_eq!(got, [Duration::from_millis(2500)]);
+    }
+
+    #[test]
+    fn changes_made_before_the_process_began_tracking_are_not_its_latency() {
+        let now = at(1_795_520_912, 500_000_000);
+        let times = ["2026-11-24T11:40:00Z".into(), "2026-11-24T11:48:30Z".into()];
+        let started = at(1_795_520_400, 0);
+        assert_eq!(
+            network_programming(&times, started, now),
+            [Duration::from_millis(2500)]
+        );
     }
 }

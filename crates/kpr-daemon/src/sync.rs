@@ -81,6 +81,9 @@ pub struct SyncState {
     changes: crate::debug::Changes,
     /// What the work after a sync reads of the desired state, kept per Service (O(changes)).
     after_index: index::AfterIndex,
+    /// When this state began tracking changes: trigger times before it are not this
+    /// process's latency (upstream's `trackerStartTime`), e.g. a restart's first list.
+    tracking_since: std::time::SystemTime,
 }
 
 /// The node facts the process cannot change without a restart (§2.3).
@@ -110,6 +113,7 @@ impl SyncState {
             debug: None,
             changes: crate::debug::Changes::new(),
             after_index: index::AfterIndex::default(),
+            tracking_since: std::time::SystemTime::now(),
         }
     }
 
@@ -356,6 +360,13 @@ impl SyncState {
         if self.context.as_ref() != Some(&(ctx.clone(), policy.clone())) {
             plan.full = true;
         }
+        if plan.full
+            && let Some(d) = self.dataplane.as_mut()
+        {
+            // A full sync replaces everything: the committed copy (which holds the old
+            // desired state's ports) goes before the new state is built, not after.
+            d.forget_committed();
+        }
         update_desired(
             &mut self.desired,
             self.trackers.state(),
@@ -380,7 +391,11 @@ impl SyncState {
         self.context = Some((ctx, policy));
         // From the slices' trigger times to now (the commit), computed once.
         let latencies = if succeeded {
-            crate::latency::network_programming(&plan.trigger_times, std::time::SystemTime::now())
+            crate::latency::network_programming(
+                &plan.trigger_times,
+                self.tracking_since,
+                std::time::SystemTime::now(),
+            )
         } else {
             Vec::new()
         };

@@ -179,6 +179,8 @@ pub fn update_desired(
     plan: &SyncPlan,
 ) {
     if plan.full || current.families.len() != IpFamily::ALL.len() {
+        // The old state goes first: a full sync never holds two of them.
+        *current = DesiredState::default();
         *current = desired(state, node, policy);
         return;
     }

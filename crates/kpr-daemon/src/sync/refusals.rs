@@ -387,3 +387,39 @@ fn a_refused_family_does_not_hold_back_the_other() {
     );
     assert!(body.ends_with(r#""healthy":false}}}"#), "{body}");
 }
+
+/// A full resync over our table (the hourly one; a repair after someone flushed a chain of
+/// ours) replaces it in one transaction per family, never as a chunked cold start, even
+/// though the committed copy is dropped before the new state is built (issue 16: a full
+/// sync holds one copy, not two).
+#[test]
+fn a_full_resync_over_our_flushed_table_is_one_transaction_per_family() {
+    let mut w = world(60);
+    record_services(&mut w.state, 20);
+    assert!(matches!(w.state.sync().applied, Some(Ok(_))));
+    let cold = w.faults.passed();
+    assert!(cold > 2, "the cold start was chunked: {cold} transactions");
+    // Someone flushes our masquerading chain: the repair check sees it and forces a full sync.
+    let table = kpr_nft::Table {
+        family: kpr_nft::Family::Ip,
+        name: kpr_dataplane::nftables::layout::TABLE.into(),
+        comment: None,
+    };
+    let mut flush = kpr_nft::Transaction::new(table);
+    flush.push(kpr_nft::Op::FlushChain(
+        kpr_dataplane::nftables::layout::MASQUERADING.into(),
+    ));
+    w.fake.lock().unwrap().apply(&flush).unwrap();
+    assert!(!w.state.verify(), "the flush is seen");
+    w.state.force_full();
+    let before = w.faults.passed();
+    let r = w.state.sync();
+    assert!(matches!(r.applied, Some(Ok(_))), "{:?}", r.applied);
+    assert!(r.plan.full);
+    assert_eq!(
+        w.faults.passed() - before,
+        2,
+        "one transaction per family (IPv4, IPv6), not a chunked cold start"
+    );
+    assert_eq!(dump(&w.fake), fresh(&w.state));
+}
