@@ -22,6 +22,7 @@ mod netns;
 mod periodic;
 mod report;
 mod resync;
+mod running;
 mod soak;
 mod stats;
 mod traffic;

@@ -14,8 +14,8 @@
 //!   updates' median by half or more of the delay the window would have added.
 
 use crate::Mode;
-use crate::daemon::{Running, Slices, field, latencies};
 use crate::netns::Netns;
+use crate::running::{Running, Slices, field, latencies};
 use crate::stats::{Quantiles, fmt_dur};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

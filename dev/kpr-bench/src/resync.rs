@@ -6,8 +6,8 @@
 //! during it (VmHWM reset to VmRSS just before, through `/proc/PID/clear_refs`, and VmRSS
 //! sampled every 2 ms as a cross-check), VmRSS after, and the resync's time.
 
-use crate::daemon::{Running, field, nft_intact, reset_peak, status_kib};
 use crate::netns::Netns;
+use crate::running::{Running, field, nft_intact, reset_peak, status_kib};
 use kpr_dataplane::nftables::layout;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -53,7 +53,7 @@ pub(super) fn read_log(
                     l.full += 1;
                 }
             } else if line.contains("Deleted stale UDP conntrack flows") {
-                l.ct_deleted += crate::daemon::field(&line, "deleted").unwrap_or(0);
+                l.ct_deleted += crate::running::field(&line, "deleted").unwrap_or(0);
             } else if line.starts_with(['E', 'F', 'W']) && l.synced > 0 {
                 // After the first sync (startup warnings are about the namespace: sysctls).
                 let at = line

@@ -147,7 +147,7 @@ pub(crate) fn run(bin: &Path, mode: Mode, plan: &Plan) -> Soak {
          && ip route add 10.0.0.0/8 via 192.168.0.1 dev kb-node",
         cluster::NODE_IP
     ));
-    let (rt, mut api) = crate::daemon::api_server(&ns);
+    let (rt, mut api) = crate::running::api_server(&ns);
     let seed = 0x5eed_0015 ^ u64::from(plan.n);
     let world = World::new(plan.n, plan.e, seed);
     api.apply(cluster::node());
