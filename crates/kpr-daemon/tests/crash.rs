@@ -1665,6 +1665,12 @@ fn cold_prefix(k: &Snapshot, f: &Snapshot) -> Result<String, String> {
             o.starts_with("map ") && x.lines.iter().any(|l| l.contains(": verdict"))
         };
         let bucket = |o: &str, x: &Obj| o.starts_with("map ") && !verdict(o, x);
+        // Plain ClusterIP ports' endpoints (`cluster-endpoints-<proto>`) go with their port,
+        // after the pick chains that use them (written first); the sharded maps' elements
+        // wait for every chain and set element.
+        let plain = |o: &str, x: &Obj| bucket(o, x) && o.starts_with("map cluster-endpoints-");
+        let sharded = |o: &str, x: &Obj| bucket(o, x) && !plain(o, x);
+        let picks = |t: &Table| t.keys().filter(|o| o.starts_with("chain pick-")).count();
         let count = |t: &Table, pick: &dyn Fn(&str, &Obj) -> bool| -> usize {
             t.iter()
                 .filter(|(o, x)| pick(o, x))
@@ -1677,9 +1683,18 @@ fn cold_prefix(k: &Snapshot, f: &Snapshot) -> Result<String, String> {
         let (ks, fs) = (count(kt, &sets), count(ft, &sets));
         let (kb, fb) = (count(kt, &bucket), count(ft, &bucket));
         let (kv, fv) = (count(kt, &verdict), count(ft, &verdict));
-        if kb > 0 && (kc < fc || ks < fs) {
+        let ksh = count(kt, &sharded);
+        if ksh > 0 && (kc < fc || ks < fs) {
             return Err(format!(
-                "{name}: endpoint elements ({kb}) before every chain and set element ({kc}/{fc} chains, {ks}/{fs} set elements)"
+                "{name}: endpoint elements ({ksh}) before every chain and set element ({kc}/{fc} chains, {ks}/{fs} set elements)"
+            ));
+        }
+        let kpl = count(kt, &plain);
+        if kpl > 0 && picks(kt) < picks(ft) {
+            return Err(format!(
+                "{name}: plain ports' endpoint elements ({kpl}) before every pick chain ({}/{})",
+                picks(kt),
+                picks(ft)
             ));
         }
         if kv > 0 && (kc < fc || ks < fs || kb < fb) {
