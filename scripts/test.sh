@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: formatting, clippy, and the whole test suite. Installs the system
-# packages the tests need (nftables, iptables, iproute2, conntrack, socat, chromium) when missing.
+# packages the tests need when missing: nftables, iptables, iproute2, conntrack, socat and
+# chromium (the real-traffic tests, the status page); prometheus (promtool and a real
+# Prometheus, tests/monitoring.rs); dpkg-dev, systemd, groff-base, zsh, fish and kubectl
+# (the Debian package, unit, man pages, completions and kustomize overlays, tests/install.rs).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$(repo_root)"
-ensure_packages nftables iptables iproute2 conntrack socat chromium
+had_prometheus=$(dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -c "install ok installed" || true)
+ensure_packages nftables iptables iproute2 conntrack socat chromium prometheus \
+  dpkg-dev systemd groff-base zsh fish
+# Debian's package starts a Prometheus on :9090 where systemd runs; the tests run their own
+# inside network namespaces, so one we just installed is stopped (a host's own is left alone).
+if [ "$had_prometheus" = 0 ] && command -v systemctl >/dev/null 2>&1; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+# Debian's kubectl is `kubernetes-client`; a host with another package's kubectl keeps it
+# (installing both would conflict on /usr/bin/kubectl).
+command -v kubectl >/dev/null 2>&1 || ensure_packages kubernetes-client
 ensure_cargo
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -11,7 +11,8 @@
 //! }
 //! let resolved = kpr_config::resolve(&flags).expect("invalid configuration");
 //! if let Some(path) = &resolved.proxy.write_config_to {
-//!     std::fs::write(path, kpr_config::to_yaml(&resolved.file_config)).expect("write");
+//!     // What upstream writes: platform defaults applied, the mode's block only.
+//!     std::fs::write(path, kpr_config::written_yaml(&resolved.file_config)).expect("write");
 //! }
 //! ```
 //! This crate does no IO beyond reading the `--config` file, and no logging: warnings are data.
@@ -28,6 +29,7 @@ mod resolve;
 mod rules;
 mod types;
 mod validate;
+mod write;
 mod yaml;
 
 pub use decode::{Decoded, LENIENT_DECODING_WARNING, decode};
@@ -53,6 +55,7 @@ pub use types::{
     KubeProxyIPVSConfiguration, KubeProxyNFTablesConfiguration, KubeProxyWinkernelConfiguration,
 };
 pub use validate::validate;
+pub use write::{written, written_yaml};
 pub use yaml::to_yaml;
 
 /// Decodes `text` and applies upstream's defaults: the configuration a `--config` file gives

@@ -107,6 +107,9 @@ pub struct LogSettings {
     pub vmodule: Vec<VModuleItem>,
     /// Flush interval.
     pub flush_frequency: Duration,
+    /// Info messages to stdout, errors to stderr (the format's `splitStream` option); else
+    /// everything to stderr.
+    pub split_stream: bool,
 }
 
 /// Everything the daemon needs, typed and validated.

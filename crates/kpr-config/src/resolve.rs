@@ -22,7 +22,8 @@ use crate::types::KubeProxyConfiguration;
 /// The outcome of resolution.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {
-    /// The effective, defaulted v1alpha1 document (what `--write-config-to` writes).
+    /// The effective, defaulted v1alpha1 document (`--write-config-to` writes it as upstream
+    /// does: [`crate::written`]).
     pub file_config: KubeProxyConfiguration,
     /// Typed, validated settings.
     pub proxy: ProxyConfig,

@@ -208,6 +208,11 @@ pub(crate) fn build(cfg: &KubeProxyConfiguration) -> Result<ProxyConfig, Vec<Fie
             verbosity: log.verbosity,
             vmodule: log.vmodule.clone(),
             flush_frequency,
+            split_stream: if log.format == "json" {
+                log.options.json.split_stream
+            } else {
+                log.options.text.split_stream
+            },
         },
         cleanup: false,
         init_only: false,

@@ -5,7 +5,7 @@
 use crate::dataplane::{Dataplane, ruleset_text};
 use crate::sync::{SyncConfig, SyncState};
 use crate::{logging, report, sync};
-use kpr_config::{DetectLocal, Flags, ProxyConfig, ProxyMode, Resolved, resolve, to_yaml};
+use kpr_config::{DetectLocal, Flags, ProxyConfig, ProxyMode, Resolved, resolve, written_yaml};
 use kpr_model::node::DetectLocalMode;
 use std::path::Path;
 use std::process::ExitCode;
@@ -26,6 +26,14 @@ pub fn main() -> ExitCode {
         Some("conntrack") => {
             let args: Vec<String> = std::env::args().skip(2).collect();
             return crate::debug::conntrack::conntrack(&args);
+        }
+        Some("completions") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            return crate::commands::completions(&args);
+        }
+        Some("man") => {
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            return crate::commands::man(&args);
         }
         _ => {}
     }
@@ -53,7 +61,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    logging::init(resolved.proxy.logging.verbosity);
+    logging::init_with(&resolved.proxy.logging);
     for w in &resolved.warnings {
         tracing::warn!("{w}");
     }
@@ -144,9 +152,10 @@ fn raise_fd_limit() {
 fn run(resolved: &Resolved) -> anyhow::Result<()> {
     let proxy = &resolved.proxy;
     if let Some(path) = &proxy.write_config_to {
-        std::fs::write(path, to_yaml(&resolved.file_config))
+        // Upstream's document: the platform defaults applied, the mode's block only.
+        std::fs::write(path, written_yaml(&resolved.file_config))
             .map_err(|e| anyhow::anyhow!("writing the configuration to {}: {e}", path.display()))?;
-        tracing::info!(path = %path.display(), "Wrote configuration");
+        tracing::info!(file = %path.display(), "Wrote configuration");
         return Ok(());
     }
     if proxy.cleanup {
@@ -497,6 +506,14 @@ async fn serve(state: SyncState, source: Source) -> anyhow::Result<()> {
                 None => std::sync::Arc::new(kpr_watch::api::NoObserver),
             };
             let client = kpr_watch::api::client(&connect, observer.clone()).await?;
+            // The Node event `Starting` (§2.1 step 10.6, §2.4): sent once, beside the watches,
+            // never waited for; a refusal is only logged.
+            let birth_cry = kpr_watch::api::event::starting(
+                &node,
+                &os_hostname().unwrap_or_default(),
+                std::time::SystemTime::now(),
+            );
+            tokio::spawn(kpr_watch::api::event::record(client.clone(), birth_cry));
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 kpr_watch::api::run(client, node, tx, shutdown, observer).await;
@@ -569,12 +586,19 @@ pub(crate) fn sync_config(proxy: &ProxyConfig) -> anyhow::Result<SyncConfig> {
 
 /// The OS hostname, lower-cased (upstream's fallback node name).
 fn hostname() -> anyhow::Result<String> {
-    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let raw = os_hostname()
         .map_err(|e| anyhow::anyhow!("reading the hostname: {e}; set --hostname-override"))?;
-    let name = raw.trim().to_lowercase();
+    let name = raw.to_lowercase();
     anyhow::ensure!(
         !name.is_empty(),
         "the hostname is empty; set --hostname-override"
     );
     Ok(name)
+}
+
+/// The OS hostname as it is (Go's `os.Hostname`: the events' `reportingInstance`).
+fn os_hostname() -> std::io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")?
+        .trim()
+        .to_owned())
 }

@@ -2,6 +2,7 @@
 //! thin `main` over [`app::main`]; the modules are a library so tests can drive them.
 
 pub mod app;
+pub mod commands;
 pub mod dataplane;
 pub mod debug;
 pub mod latency;

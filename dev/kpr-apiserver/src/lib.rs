@@ -10,7 +10,10 @@
 //!   an `Expired` Status) for a resourceVersion older than the kept history (bounded, as the
 //!   API server's watch cache is: [`Options::history`]); `timeoutSeconds`;
 //! - an optional bearer token (401 without it), over plain HTTP or HTTPS with a certificate of
-//!   its own test CA for 127.0.0.1 ([`ApiServer::ca_pem`], for a kubeconfig or `ca.crt`).
+//!   its own test CA for 127.0.0.1 ([`ApiServer::ca_pem`], for a kubeconfig or `ca.crt`);
+//! - the creation of `events.k8s.io/v1` Events (`events`: validated as the API server does;
+//!   refused or never answered on demand, [`ApiServer::answer_events`]), listed and watched
+//!   like the other resources ([`ApiServer::events`]).
 //!
 //! Tests drive it in process: [`ApiServer::apply`] and [`ApiServer::delete`] change objects,
 //! [`ApiServer::compact`] forgets history, [`ApiServer::drop_watches`] cuts every watch,
@@ -20,13 +23,15 @@
 //! [`ApiServer::flood`] writes changes as fast as it can. It listens on 127.0.0.1 only,
 //! optionally inside a network namespace the test created.
 
+mod events;
 mod fault;
 
+pub use events::EventsAnswer;
 pub use fault::{Fault, Flood};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -44,6 +49,8 @@ pub enum Kind {
     /// `networking.k8s.io` ServiceCIDR, served at the versions [`Options::service_cidr_versions`]
     /// names.
     ServiceCidr,
+    /// `events.k8s.io/v1` Event: created by clients (`POST`), listed and watched.
+    Event,
 }
 
 impl Kind {
@@ -53,6 +60,7 @@ impl Kind {
             "EndpointSlice" => Some(Kind::EndpointSlice),
             "Node" => Some(Kind::Node),
             "ServiceCIDR" => Some(Kind::ServiceCidr),
+            "Event" => Some(Kind::Event),
             _ => None,
         }
     }
@@ -63,6 +71,7 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
             Kind::ServiceCidr => "ServiceCIDR",
+            Kind::Event => "Event",
         }
     }
 
@@ -70,6 +79,7 @@ impl Kind {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
             Kind::ServiceCidr => "networking.k8s.io/v1",
+            Kind::Event => "events.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -109,6 +119,8 @@ struct Store {
     requests: Vec<String>,
     /// Faults turned on.
     faults: Vec<Fault>,
+    /// How requests to create an Event are answered.
+    events_answer: EventsAnswer,
 }
 
 #[derive(Debug)]
@@ -136,14 +148,7 @@ impl Shared {
             .unwrap_or_else(|| panic!("the test API server does not serve {}", object["kind"]));
         let key = key_of(kind, &object);
         let mut store = self.store();
-        store.rv += 1;
-        let rv = store.rv;
-        object["apiVersion"] = json!(kind.api_version());
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let stored = Stored {
-            meta: Arc::new(object["metadata"].clone()),
-            json: object.to_string().into(),
-        };
+        let stored = Self::stamp(&mut store, kind, &mut object);
         drop(object);
         let kind_of_change = if store.objects.insert(key, stored.clone()).is_some() {
             "MODIFIED"
@@ -151,7 +156,31 @@ impl Shared {
             "ADDED"
         };
         self.record_event(&mut store, kind, kind_of_change, stored, false);
-        rv
+        store.rv
+    }
+
+    /// Stores `object` unless one of its name exists (a create); returns it as stored.
+    pub(crate) fn insert_new(&self, kind: Kind, mut object: Value) -> Option<Value> {
+        let key = key_of(kind, &object);
+        let mut store = self.store();
+        if store.objects.contains_key(&key) {
+            return None;
+        }
+        let stored = Self::stamp(&mut store, kind, &mut object);
+        store.objects.insert(key, stored.clone());
+        self.record_event(&mut store, kind, "ADDED", stored, false);
+        Some(object)
+    }
+
+    /// The next resourceVersion, written into `object` with its `apiVersion`.
+    fn stamp(store: &mut Store, kind: Kind, object: &mut Value) -> Stored {
+        store.rv += 1;
+        object["apiVersion"] = json!(kind.api_version());
+        object["metadata"]["resourceVersion"] = json!(store.rv.to_string());
+        Stored {
+            meta: Arc::new(object["metadata"].clone()),
+            json: object.to_string().into(),
+        }
     }
 
     fn record_event(
@@ -360,6 +389,17 @@ impl ApiServer {
             .collect()
     }
 
+    /// The Events created so far (by `POST`, or [`apply`](Self::apply)), oldest name first.
+    pub fn events(&self) -> Vec<Value> {
+        self.objects(Kind::Event)
+    }
+
+    /// How requests to create an Event are answered from now on (the default:
+    /// [`EventsAnswer::Create`]).
+    pub fn answer_events(&self, answer: EventsAnswer) {
+        self.shared.store().events_answer = answer;
+    }
+
     /// Deletes an object; `false` if it did not exist.
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
         self.remove(kind, namespace, name, false)
@@ -541,17 +581,23 @@ fn target(path: &str, service_cidr_versions: &[String]) -> Option<Target> {
             name: rest.first().map(|n| (*n).to_owned()),
         });
     }
-    let (resource, namespace, name) = match parts.as_slice() {
-        ["api", "v1", r] | ["apis", "discovery.k8s.io", "v1", r] => (*r, None, None),
-        ["api", "v1", "namespaces", ns, r]
-        | ["apis", "discovery.k8s.io", "v1", "namespaces", ns, r] => (*r, Some(*ns), None),
-        ["api", "v1", "nodes", n] => ("nodes", None, Some(*n)),
+    // (API group, resource, namespace, name); "" is the core group.
+    let (group, resource, namespace, name) = match parts.as_slice() {
+        ["api", "v1", r] => ("", *r, None, None),
+        ["apis", g, "v1", r] => (*g, *r, None, None),
+        ["api", "v1", "namespaces", ns, r] => ("", *r, Some(*ns), None),
+        ["apis", g, "v1", "namespaces", ns, r] => (*g, *r, Some(*ns), None),
+        ["api", "v1", "nodes", n] => ("", "nodes", None, Some(*n)),
+        ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", n] => {
+            ("events.k8s.io", "events", Some(*ns), Some(*n))
+        }
         _ => return None,
     };
-    let kind = match (parts[0], resource) {
-        ("api", "services") => Kind::Service,
-        ("api", "nodes") => Kind::Node,
-        ("apis", "endpointslices") => Kind::EndpointSlice,
+    let kind = match (group, resource) {
+        ("", "services") => Kind::Service,
+        ("", "nodes") => Kind::Node,
+        ("discovery.k8s.io", "endpointslices") => Kind::EndpointSlice,
+        ("events.k8s.io", "events") => Kind::Event,
         _ => return None,
     };
     Some(Target {
@@ -664,12 +710,14 @@ fn reply_text(code: StatusCode, body: Body) -> Response {
 
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    method: Method,
     uri: Uri,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
 ) -> Response {
     shared.store().requests.push(format!(
-        "GET {}{}",
+        "{method} {}{}",
         uri.path(),
         uri.query().map(|q| format!("?{q}")).unwrap_or_default()
     ));
@@ -695,6 +743,19 @@ async fn handle(
             ),
         );
     };
+    if method == Method::POST {
+        return events::create(&shared, &t, &body).await;
+    }
+    if method != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            ),
+        );
+    }
     let filter = Filter::new(&t, &q);
     if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
         let from = q
@@ -710,7 +771,11 @@ async fn handle(
     }
     if let Some(name) = &t.name {
         let store = shared.store();
-        let key = (t.kind, String::new(), name.clone());
+        let key = (
+            t.kind,
+            t.namespace.clone().unwrap_or_default(),
+            name.clone(),
+        );
         return match store.objects.get(&key) {
             Some(o) => reply_text(StatusCode::OK, Body::from(o.json.to_string())),
             None => reply(
@@ -1039,6 +1104,24 @@ mod tests {
             Some("n1".into())
         );
         assert_eq!(target_v1("/api/v1/pods"), None);
+        assert_eq!(target_v1("/apis/discovery.k8s.io/v1/services"), None);
+        assert_eq!(target_v1("/apis/events.k8s.io/v1/endpointslices"), None);
+        assert_eq!(
+            target_v1("/apis/events.k8s.io/v1/namespaces/default/events"),
+            Some(Target {
+                kind: Kind::Event,
+                namespace: Some("default".into()),
+                name: None
+            })
+        );
+        assert_eq!(
+            target_v1("/apis/events.k8s.io/v1/namespaces/default/events/n.1f").and_then(|t| t.name),
+            Some("n.1f".into())
+        );
+        assert_eq!(
+            target_v1("/apis/events.k8s.io/v1/events").map(|t| t.kind),
+            Some(Kind::Event)
+        );
         assert_eq!(
             target_v1("/apis/networking.k8s.io/v1/servicecidrs").map(|t| t.kind),
             Some(Kind::ServiceCidr)

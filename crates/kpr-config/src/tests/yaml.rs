@@ -1,7 +1,11 @@
-//! T2.1.3 `--write-config-to` output: upstream's layout, and reading it back is lossless.
+//! T2.1.3 `--write-config-to` output: upstream's document for the same flags (goldens), its
+//! layout, and reading it back is lossless.
 
 use super::{doc, kubeadm_config_conf, resolve_args};
-use crate::{GoDuration, KubeProxyConfiguration, VModuleItem, decode, load, set_defaults, to_yaml};
+use crate::{
+    GoDuration, KubeProxyConfiguration, VModuleItem, decode, load, set_defaults, to_yaml, written,
+    written_yaml,
+};
 
 fn round_trip(cfg: &KubeProxyConfiguration) {
     let text = to_yaml(cfg);
@@ -10,9 +14,10 @@ fn round_trip(cfg: &KubeProxyConfiguration) {
     assert_eq!(&back.config, cfg, "\n{text}");
 }
 
-/// Upstream's `--write-config-to` output for an empty configuration (v1.33 layout, with the
-/// ipvs minSyncPeriod of the v1alpha1 defaults).
-const UPSTREAM_DEFAULTS: &str = r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+/// The defaulted v1alpha1 document of an empty configuration, upstream's scheme test data
+/// (`pkg/proxy/apis/config/scheme/testdata/KubeProxyConfiguration/after/v1alpha1.yaml`, v1.33
+/// layout): what `--config` gives before the platform defaults and the internal round trip.
+const V1ALPHA1_DEFAULTED: &str = r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
 bindAddress: 0.0.0.0
 bindAddressHardFail: false
 clientConnection:
@@ -83,10 +88,258 @@ winkernel:
 "#;
 
 #[test]
-fn t2_1_3_write_config_to_writes_the_defaults_in_upstream_layout() {
+fn the_defaulted_document_has_upstreams_layout() {
     let r = resolve_args(&["--write-config-to=/tmp/out.yaml"], None).unwrap();
-    assert_eq!(to_yaml(&r.file_config), UPSTREAM_DEFAULTS);
+    assert_eq!(to_yaml(&r.file_config), V1ALPHA1_DEFAULTED);
     round_trip(&r.file_config);
+}
+
+/// What upstream's `kube-proxy --write-config-to=FILE` writes on Linux, with no other flag
+/// (kubernetes/kubernetes `cmd/kube-proxy/app/options.go`, `writeConfigFile`: the internal
+/// configuration after `Complete`, encoded as v1alpha1 YAML, keys sorted). Where each value
+/// comes from:
+/// - `apiVersion`, `kind`: the v1alpha1 encoder;
+/// - `bindAddress`, `healthzBindAddress`, `metricsBindAddress`, `oomScoreAdj`, `clientConnection`
+///   (`contentType`, `qps`, `burst`), `conntrack` (`maxPerCore`, `min`, `tcp*Timeout`),
+///   `configSyncPeriod`, `iptables.masqueradeBit`, `iptables.localhostNodePorts`,
+///   `nftables.masqueradeBit`: `SetDefaults_KubeProxyConfiguration`
+///   (`pkg/proxy/apis/config/v1alpha1/defaults.go`);
+/// - `logging` (`format: text`, `flushFrequency: 5s`, `infoBufferSize: "0"`): component-base's
+///   `SetRecommendedLoggingConfiguration`;
+/// - `mode: iptables`, `detectLocalMode: ClusterCIDR`: `platformApplyDefaults`
+///   (`cmd/kube-proxy/app/server_linux.go`), applied in `Complete` before writing;
+/// - `iptables.syncPeriod: 30s`, `iptables.minSyncPeriod: 1s`: the internal `syncPeriod` and
+///   `minSyncPeriod` (read from the defaulted iptables block), written back to the block of the
+///   mode only (`Convert_config_KubeProxyConfiguration_To_v1alpha1_KubeProxyConfiguration`,
+///   `pkg/proxy/apis/config/v1alpha1/conversion.go`); so `ipvs` and `nftables` get `0s`;
+/// - `portRange: ""`: the internal configuration has no such field;
+/// - `featureGates` (an empty map), `windowsRunAsService` (false): `omitempty`, left out.
+const UPSTREAM_WRITTEN_NO_FLAGS: &str = r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 10
+  contentType: application/vnd.kubernetes.protobuf
+  kubeconfig: ""
+  qps: 5
+clusterCIDR: ""
+configSyncPeriod: 15m0s
+conntrack:
+  maxPerCore: 32768
+  min: 131072
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: 1h0m0s
+  tcpEstablishedTimeout: 24h0m0s
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ClusterCIDR
+enableProfiling: false
+healthzBindAddress: 0.0.0.0:10256
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: true
+  masqueradeAll: false
+  masqueradeBit: 14
+  minSyncPeriod: 1s
+  syncPeriod: 30s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 5s
+  format: text
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: 127.0.0.1:10249
+mode: iptables
+nftables:
+  masqueradeAll: false
+  masqueradeBit: 14
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses: null
+oomScoreAdj: -999
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"#;
+
+/// Upstream's output for `--proxy-mode=nftables --masquerade-all --iptables-sync-period=10s
+/// --iptables-min-sync-period=0s --cluster-cidr=10.244.0.0/16,fd00:10:244::/56
+/// --hostname-override=Node-A --v=2 --logging-format=json --healthz-port=0`. Beyond the
+/// defaults above:
+/// - `mode: nftables` and `clusterCIDR` (joined back from the internal list): the flags;
+/// - `nodePortAddresses: [primary]`: `platformApplyDefaults` (nftables, none given);
+/// - `nftables.syncPeriod: 10s`, `minSyncPeriod: 0s`: `--iptables-*sync-period` set the
+///   internal periods of every mode but ipvs (`processV1Alpha1Flags`), written to the nftables
+///   block; `iptables` and `ipvs` get `0s`;
+/// - `nftables.masqueradeAll: true`: `--masquerade-all` sets the internal
+///   `linux.masqueradeAll`, written to the nftables block only;
+/// - `hostnameOverride: node-a`: `processHostnameOverrideFlag` (trimmed, lower-cased);
+/// - `logging.format`, `logging.verbosity`: the logging flags, bound to the configuration;
+/// - `healthzBindAddress` unchanged: `--healthz-port` is ignored with `--write-config-to`
+///   (`Complete`).
+const UPSTREAM_WRITTEN_NFTABLES: &str = r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 10
+  contentType: application/vnd.kubernetes.protobuf
+  kubeconfig: ""
+  qps: 5
+clusterCIDR: 10.244.0.0/16,fd00:10:244::/56
+configSyncPeriod: 15m0s
+conntrack:
+  maxPerCore: 32768
+  min: 131072
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: 1h0m0s
+  tcpEstablishedTimeout: 24h0m0s
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ClusterCIDR
+enableProfiling: false
+healthzBindAddress: 0.0.0.0:10256
+hostnameOverride: node-a
+iptables:
+  localhostNodePorts: true
+  masqueradeAll: false
+  masqueradeBit: 14
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 5s
+  format: json
+  options:
+    json:
+      infoBufferSize: "0"
+    text:
+      infoBufferSize: "0"
+  verbosity: 2
+metricsBindAddress: 127.0.0.1:10249
+mode: nftables
+nftables:
+  masqueradeAll: true
+  masqueradeBit: 14
+  minSyncPeriod: 0s
+  syncPeriod: 10s
+nodePortAddresses:
+- primary
+oomScoreAdj: -999
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"#;
+
+#[test]
+fn t2_1_3_write_config_to_without_config_writes_what_upstream_writes() {
+    let r = resolve_args(&["--write-config-to=/tmp/out.yaml"], None).unwrap();
+    assert_eq!(written_yaml(&r.file_config), UPSTREAM_WRITTEN_NO_FLAGS);
+    let r = resolve_args(
+        &[
+            "--write-config-to=/tmp/out.yaml",
+            "--proxy-mode=nftables",
+            "--masquerade-all",
+            "--iptables-sync-period=10s",
+            "--iptables-min-sync-period=0s",
+            "--cluster-cidr=10.244.0.0/16,fd00:10:244::/56",
+            "--hostname-override=Node-A",
+            "--v=2",
+            "--logging-format=json",
+            "--healthz-port=0",
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(written_yaml(&r.file_config), UPSTREAM_WRITTEN_NFTABLES);
+}
+
+#[test]
+fn the_written_document_reads_back_to_the_same_configuration_and_is_stable() {
+    for (args, config) in [
+        (&["--write-config-to=x"][..], None),
+        (
+            &[
+                "--write-config-to=x",
+                "--proxy-mode=nftables",
+                "--masquerade-all",
+            ][..],
+            None,
+        ),
+        (
+            &["--config=f", "--write-config-to=x"][..],
+            Some(kubeadm_config_conf()),
+        ),
+        (
+            &["--config=f", "--write-config-to=x"][..],
+            Some(doc(
+                "mode: nftables\nportRange: 100-200\nnftables:\n  syncPeriod: 7s\n",
+            )),
+        ),
+    ] {
+        let r = resolve_args(args, config.as_deref()).unwrap();
+        let text = written_yaml(&r.file_config);
+        // Read back (as --config), it gives the same typed settings and the same document.
+        let again = resolve_args(&["--config=f", "--write-config-to=y"], Some(&text)).unwrap();
+        assert_eq!(again.proxy.sync_period, r.proxy.sync_period, "{text}");
+        assert_eq!(again.proxy.min_sync_period, r.proxy.min_sync_period);
+        assert_eq!(again.proxy.masquerade_all, r.proxy.masquerade_all);
+        assert_eq!(again.proxy.mode, r.proxy.mode);
+        assert_eq!(again.proxy.node_port_addresses, r.proxy.node_port_addresses);
+        assert_eq!(again.proxy.detect_local, r.proxy.detect_local);
+        assert_eq!(written_yaml(&again.file_config), text, "{args:?}");
+        assert_eq!(written(&written(&r.file_config)), written(&r.file_config));
+    }
+    let r = resolve_args(
+        &["--config=f", "--write-config-to=x"],
+        Some(&doc(
+            "mode: nftables\nportRange: 100-200\nnftables:\n  syncPeriod: 7s\n",
+        )),
+    )
+    .unwrap();
+    let text = written_yaml(&r.file_config);
+    assert!(text.contains("portRange: \"\"\n"), "{text}");
+    assert!(text.contains("nftables:\n  masqueradeAll: false\n  masqueradeBit: 14\n  minSyncPeriod: 1s\n  syncPeriod: 7s\n"), "{text}");
+    assert!(text.contains("iptables:\n  localhostNodePorts: true\n  masqueradeAll: false\n  masqueradeBit: 14\n  minSyncPeriod: 0s\n  syncPeriod: 0s\n"), "{text}");
 }
 
 #[test]

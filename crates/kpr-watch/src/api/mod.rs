@@ -7,8 +7,9 @@
 //! (`watch`) relists after any error, so no event is ever lost; `guard` turns what kube-rs
 //! would skip silently or wait for forever (a truncated event, an endless line, a silent
 //! watch, a list of another kind) into errors; `observe` reports requests and outages to the
-//! metrics.
+//! metrics; `event` records kube-proxy's `Starting` event about the Node.
 
+pub mod event;
 mod guard;
 mod lean;
 pub mod observe;
