@@ -370,7 +370,15 @@ fn sync_nft(
             // operations, and the old committed copy goes first (a refusal drops it anyway).
             *committed = Rendered::default();
             let (mut next, mut count) = (None, 0);
-            exec.apply_stream(&cfg.table(), &mut |sink| {
+            // About one element per endpoint twice (its map entry, its hairpin pair) and a few
+            // per port: the batch's buffer is sized once instead of copied as it grows.
+            let hint = fam
+                .ports
+                .values()
+                .map(|sp| 2 * sp.endpoints.len() + 4)
+                .sum::<usize>()
+                + 256;
+            exec.apply_stream(&cfg.table(), hint, &mut |sink| {
                 count = 0;
                 next = Some(render_full_stream(fam, &cfg, &mut |op| {
                     count += 1;

@@ -529,7 +529,7 @@ fn netlink_refusals_are_atomic_and_named() {
     // running the stream again.
     let mut runs = 0;
     let err = nl
-        .apply_stream(&good.table, &mut |sink| {
+        .apply_stream(&good.table, 0, &mut |sink| {
             runs += 1;
             bad.ops.iter().cloned().for_each(&mut *sink);
         })
@@ -547,7 +547,7 @@ fn netlink_refusals_are_atomic_and_named() {
     // A stream applies what the transaction applies (here after deleting the table).
     let replace = [Op::AddTable(good.table.clone()), Op::DeleteTable];
     let n = nl
-        .apply_stream(&good.table, &mut |sink| {
+        .apply_stream(&good.table, 0, &mut |sink| {
             replace
                 .iter()
                 .chain(&good.ops)

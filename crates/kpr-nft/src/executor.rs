@@ -15,10 +15,17 @@ pub trait Executor {
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError>;
     /// Applies the transaction on `table` that `ops` hands out, atomically like [`apply`],
     /// without holding it as typed operations where the executor can (the kernel executor
-    /// encodes each operation as it comes); returns how many operations it held.
+    /// encodes each operation as it comes, into a buffer sized for about `size_hint` of
+    /// them, so it is not copied as it grows); returns how many operations it held.
     ///
     /// [`apply`]: Executor::apply
-    fn apply_stream(&mut self, table: &Table, ops: &mut OpSource<'_>) -> Result<usize, ApplyError> {
+    fn apply_stream(
+        &mut self,
+        table: &Table,
+        size_hint: usize,
+        ops: &mut OpSource<'_>,
+    ) -> Result<usize, ApplyError> {
+        let _ = size_hint;
         let mut tx = Transaction::new(table.clone());
         ops(&mut |op| tx.ops.push(op));
         self.apply(&tx).map(|()| tx.len())
@@ -43,10 +50,15 @@ impl<E: Executor + ?Sized> Executor for std::sync::Arc<std::sync::Mutex<E>> {
     fn apply(&mut self, tx: &Transaction) -> Result<(), ApplyError> {
         self.lock().unwrap_or_else(|e| e.into_inner()).apply(tx)
     }
-    fn apply_stream(&mut self, table: &Table, ops: &mut OpSource<'_>) -> Result<usize, ApplyError> {
+    fn apply_stream(
+        &mut self,
+        table: &Table,
+        size_hint: usize,
+        ops: &mut OpSource<'_>,
+    ) -> Result<usize, ApplyError> {
         self.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .apply_stream(table, ops)
+            .apply_stream(table, size_hint, ops)
     }
     fn table_intact(&mut self, table: &Table, canary: &str) -> Result<bool, ApplyError> {
         self.lock()

@@ -203,9 +203,14 @@ impl Executor for Netlink {
 
     /// Encodes each operation as `ops` hands it out: only the batch's bytes are held. A
     /// refusal runs `ops` again to name the refused operation.
-    fn apply_stream(&mut self, table: &Table, ops: &mut OpSource<'_>) -> Result<usize, ApplyError> {
+    fn apply_stream(
+        &mut self,
+        table: &Table,
+        size_hint: usize,
+        ops: &mut OpSource<'_>,
+    ) -> Result<usize, ApplyError> {
         let first = self.next_seq(0);
-        let mut stream = encode::Stream::new(table, first, 0);
+        let mut stream = encode::Stream::new(table, first, size_hint);
         ops(&mut |op| stream.push(&op));
         let n = stream.len();
         if n == 0 {
