@@ -1004,7 +1004,7 @@ impl Stream {
     /// An empty batch for `table`; `ops` is a hint of how many operations will come.
     pub fn new(table: &Table, first_seq: u32, ops: usize) -> Stream {
         let mut e = Encoder {
-            buf: Buf::with_capacity(64 + ops.min(1 << 20) * 64),
+            buf: Buf::with_capacity(64 + ops.min(1 << 23) * 64),
             table: table.clone(),
             seq: first_seq,
             next_set_id: 0,
