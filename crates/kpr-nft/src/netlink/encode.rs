@@ -513,6 +513,19 @@ impl Exprs<'_> {
         }
     }
 
+    /// Looks the key in the registers up in endpoint map `map` and DNATs to the target found
+    /// (address in register 1, port after it); no target continues.
+    fn dnat_looked_up(&mut self, map: &str, alen: usize) {
+        self.lookup(map, None, Some(REG_1), false);
+        let fam = nfproto(self.family);
+        self.expr("nat", |b| {
+            b.u32(1, 1); // NFT_NAT_DNAT
+            b.u32(2, u32::from(fam));
+            b.u32(3, REG_1);
+            b.u32(5, concat_reg(alen));
+        });
+    }
+
     fn statements(&mut self, r: &Rule) {
         let alen = addr_len(self.family);
         for s in &r.statements {
@@ -570,14 +583,7 @@ impl Exprs<'_> {
                     modulus,
                 } => {
                     self.bucket(*modulus, *offset);
-                    self.lookup(map, None, Some(REG_1), false);
-                    let fam = nfproto(self.family);
-                    self.expr("nat", |b| {
-                        b.u32(1, 1); // NFT_NAT_DNAT
-                        b.u32(2, u32::from(fam));
-                        b.u32(3, REG_1);
-                        b.u32(5, concat_reg(alen));
-                    });
+                    self.dnat_looked_up(map, alen);
                 }
                 Statement::DnatVipMap { map, modulus, .. } => {
                     // `ip daddr . th dport . numgen random mod N`, as nft loads it: each field
@@ -590,14 +596,7 @@ impl Exprs<'_> {
                         b.u32(3, 1); // NFT_NG_RANDOM
                         b.u32(4, 0);
                     });
-                    self.lookup(map, None, Some(REG_1), false);
-                    let fam = nfproto(self.family);
-                    self.expr("nat", |b| {
-                        b.u32(1, 1); // NFT_NAT_DNAT
-                        b.u32(2, u32::from(fam));
-                        b.u32(3, REG_1);
-                        b.u32(5, concat_reg(alen));
-                    });
+                    self.dnat_looked_up(map, alen);
                 }
                 Statement::Reject => {
                     let code = match self.family {
