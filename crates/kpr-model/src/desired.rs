@@ -95,10 +95,11 @@ pub struct ServicePortDesired {
     pub external_policy_local: bool,
     pub internal_policy_local: bool,
     pub health_check_node_port: Option<u16>,
-    /// Every endpoint that needs a DNAT target: the union of the two sets, sorted.
-    pub endpoints: Vec<Endpoint>,
+    /// Every endpoint that needs a DNAT target: the union of the two sets, sorted. The same
+    /// allocation as `cluster_endpoints` when they are equal (most ports).
+    pub endpoints: Arc<[Endpoint]>,
     /// The Cluster set (§5.1), sorted.
-    pub cluster_endpoints: Vec<Endpoint>,
+    pub cluster_endpoints: Arc<[Endpoint]>,
     /// The Local set (§5.1), sorted.
     pub local_endpoints: Vec<Endpoint>,
     /// Some endpoint anywhere is ready or serving-terminating.
@@ -255,8 +256,8 @@ fn insert_service(
                 external_policy_local: svc.external_policy_local,
                 internal_policy_local: svc.internal_policy_local,
                 health_check_node_port: svc.health_check_node_port,
-                endpoints: Vec::new(),
-                cluster_endpoints: Vec::new(),
+                endpoints: Arc::from([]),
+                cluster_endpoints: Arc::from([]),
                 local_endpoints: Vec::new(),
                 has_any_endpoints: false,
                 internal: InternalAction::Reject,
@@ -276,18 +277,18 @@ fn decide(sp: &mut ServicePortDesired, infos: &[EndpointInfo], node: &NodeContex
         local: sp.internal_policy_local || (sp.external_policy_local && accessible),
     };
     let cat = categorize(infos, uses, &node.name, node.zone.as_deref());
-    let pick = |idx: &[usize]| -> Vec<Endpoint> {
-        idx.iter()
-            .map(|i| Endpoint {
-                addr: infos[*i].addr,
-                local: infos[*i].local,
-                ready: infos[*i].ready,
-            })
-            .collect()
+    let endpoint = |i: &usize| Endpoint {
+        addr: infos[*i].addr,
+        local: infos[*i].local,
+        ready: infos[*i].ready,
     };
-    sp.cluster_endpoints = pick(&cat.cluster);
-    sp.local_endpoints = pick(&cat.local);
-    sp.endpoints = pick(&cat.all);
+    sp.cluster_endpoints = cat.cluster.iter().map(endpoint).collect();
+    sp.local_endpoints = cat.local.iter().map(endpoint).collect();
+    sp.endpoints = if cat.all == cat.cluster {
+        sp.cluster_endpoints.clone()
+    } else {
+        cat.all.iter().map(endpoint).collect()
+    };
     sp.has_any_endpoints = cat.has_any;
     sp.internal = if !cat.has_any {
         InternalAction::Reject

@@ -231,7 +231,9 @@ pub fn parse_service(
         cluster_ips.add_first(ip);
     }
 
-    let mut ports = Vec::new();
+    // Sized to the list (a pushed-to Vec would hold room for four ports: kept for the
+    // Service's lifetime, that is 10,000s of them).
+    let mut ports = Vec::with_capacity(spec.ports.as_ref().map_or(0, Vec::len));
     let mut seen = BTreeSet::new();
     for p in spec.ports.as_deref().unwrap_or_default() {
         let name = p.name.clone().unwrap_or_default();
@@ -431,7 +433,7 @@ pub fn parse_slice_with(
             raw_ports.len()
         )));
     }
-    let mut ports = Vec::new();
+    let mut ports = Vec::with_capacity(raw_ports.len());
     for p in raw_ports {
         // Upstream ignores ports without a name or number (the controller always sets both).
         let (Some(name), Some(number)) = (p.name.as_ref(), p.port) else {

@@ -150,6 +150,16 @@ pub(crate) fn measure(bin: &Path, mode: Mode, n: u32, e: u32, plan: &Plan) -> Da
     // The proxy's own peak, before the resync and the debug readers below (whose kernel
     // readings render and list every rule: a debugging cost, reported in the notes).
     out.peak_rss_kib = status_kib(d.pid, "VmHWM");
+    // For a heap profiler wrapping the daemon (`--daemon` a script that runs it under e.g.
+    // heaptrack): stop here, so that its peak is this one, not the resync's or the readers'.
+    if std::env::var_os("KPR_BENCH_STOP_AT_PEAK").is_some() {
+        out.notes.push(format!(
+            "{what}: stopped after the cold start and updates (KPR_BENCH_STOP_AT_PEAK)"
+        ));
+        drop(d);
+        rt.block_on(api.stop());
+        return out;
+    }
     // Issue 16: a full resync, as the hourly one, and its memory.
     if plan.resync {
         eprintln!("   full resync (our masquerading chain flushed; the repair check resyncs)");

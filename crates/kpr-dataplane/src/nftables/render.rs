@@ -277,8 +277,8 @@ pub fn render(
     for (s, before) in touched {
         let now = next.shared.contains_key(&s);
         match (s, before, now) {
-            (s @ Shared::Element(..), true, false) => del_elems.extend(s.element()),
-            (s @ Shared::Element(..), false, true) => add_elems.extend(s.element()),
+            (s @ (Shared::ClusterIp(_) | Shared::Hairpin(_)), true, false) => del_elems.extend(s.element()),
+            (s @ (Shared::ClusterIp(_) | Shared::Hairpin(_)), false, true) => add_elems.extend(s.element()),
             (s @ (Shared::Map(..) | Shared::ClusterMap(_)), true, false) => {
                 stale_sets.extend(s.map().map(|m| m.name));
             }
@@ -466,6 +466,15 @@ fn render_full_with(
         ctx: Some(ctx.clone()),
         service_cidrs: fam.service_cidrs.clone(),
         slots: assign_slots(fam, cfg.endpoint_slots),
+        // Sized once (at most a ClusterIP and a hairpin element per endpoint, and a few maps
+        // and chains): growing it would hold the old and the new table at once.
+        shared: std::collections::HashMap::with_capacity(
+            fam.ports
+                .values()
+                .map(|sp| 1 + sp.endpoints.len())
+                .sum::<usize>()
+                + 64,
+        ),
         ..Rendered::default()
     };
     // A rule that starts using a map makes the kernel walk the elements the map has at that
@@ -508,7 +517,7 @@ fn render_full_with(
             match s {
                 Shared::Map(..) | Shared::ClusterMap(_) => fresh_maps.extend(s.ops(&ctx)),
                 Shared::Pick(..) => fresh_chains.extend(s.ops(&ctx)),
-                Shared::Element(..) => fresh.extend(s.ops(&ctx)),
+                Shared::ClusterIp(_) | Shared::Hairpin(_) => fresh.extend(s.ops(&ctx)),
             }
         }
         let (objs, lost) = next.claim(name, built);
@@ -738,13 +747,9 @@ fn build_port(sp: &ServicePortDesired, fam: &PortCtx, slot: Option<u32>) -> Port
     let ext_chain = naming::chain("external", &base);
     let fw_chain = naming::chain("firewall", &base);
     let mut o = PortObjects::default();
-    let shared_elem = |set: &'static str, key| Shared::Element(set, key);
-    o.shared
-        .insert(shared_elem(layout::CLUSTER_IPS, Key::Addr(sp.cluster_ip)));
+    o.shared.insert(Shared::ClusterIp(sp.cluster_ip));
     for ep in needed_endpoints(sp) {
-        let ip = ep.addr.ip();
-        o.shared
-            .insert(shared_elem(layout::HAIRPIN, Key::AddrPair(ip, ip)));
+        o.shared.insert(Shared::Hairpin(ep.addr.ip()));
     }
     let vip = |ip: IpAddr| Key::AddrProtoPort(ip, proto, sp.port);
     if plain(sp) {

@@ -5,7 +5,10 @@
 
 use super::{PortCtx, local_match, set_elem};
 use crate::nftables::layout;
-use kpr_nft::{Chain, Element, KeyType, L4Proto, Map, Match, Op, Rule, Statement, Verdict};
+use kpr_nft::{
+    Chain, Element, Key, KeyType, L4Proto, Map, Match, Op, Rule, Statement, Verdict,
+};
+use std::net::IpAddr;
 
 /// An object several ports may need, in a compact form (the committed copy counts
 /// references to about one per endpoint).
@@ -17,8 +20,11 @@ pub(super) enum Shared {
     ClusterMap(L4Proto),
     /// The chain that picks one of `n` endpoints for a plain ClusterIP port of a protocol.
     Pick(L4Proto, u32),
-    /// An element of a plain set (`cluster-ips`, `hairpin-endpoints`).
-    Element(&'static str, kpr_nft::Key),
+    /// A ClusterIP's element of `cluster-ips` (ports of one Service share it).
+    ClusterIp(IpAddr),
+    /// An endpoint's element of `hairpin-endpoints` (Services share endpoints). The address
+    /// alone, not the element: the committed copy counts about one per endpoint.
+    Hairpin(IpAddr),
 }
 
 impl Shared {
@@ -31,7 +37,7 @@ impl Shared {
                 layout::cluster_endpoints_map(proto),
                 KeyType::VipBucket(proto),
             ),
-            Shared::Pick(..) | Shared::Element(..) => return None,
+            Shared::Pick(..) | Shared::ClusterIp(_) | Shared::Hairpin(_) => return None,
         };
         Some(Map {
             name,
@@ -42,7 +48,8 @@ impl Shared {
 
     pub(super) fn element(self) -> Option<Element> {
         match self {
-            Shared::Element(set, key) => Some(set_elem(set, key)),
+            Shared::ClusterIp(ip) => Some(set_elem(layout::CLUSTER_IPS, Key::Addr(ip))),
+            Shared::Hairpin(ip) => Some(set_elem(layout::HAIRPIN, Key::AddrPair(ip, ip))),
             _ => None,
         }
     }
