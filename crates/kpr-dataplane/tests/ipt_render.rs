@@ -224,7 +224,7 @@ fn one_endpoint_change_writes_only_that_services_chains() {
     let port = fam
         .ports
         .keys()
-        .find(|p| p.service.name == "svc77")
+        .find(|p| &*p.service.name == "svc77")
         .unwrap()
         .clone();
     let svc = kpr_dataplane::iptables::naming::service_chain("SVC", &port);

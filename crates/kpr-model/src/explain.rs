@@ -196,9 +196,9 @@ pub fn explain(
         kind: kind.into(),
         address: fmt_addr(pkt.dst, pkt.port),
         service_port: sp.name.to_string(),
-        namespace: sp.name.service.namespace.clone(),
-        service: sp.name.service.name.clone(),
-        port_name: sp.name.port.clone(),
+        namespace: sp.name.service.namespace.to_string(),
+        service: sp.name.service.name.to_string(),
+        port_name: sp.name.port.to_string(),
     });
     out.affinity_timeout_seconds = sp.affinity_timeout;
     let pod = fam.detector.matches(pkt.src, pkt.iif.as_deref());

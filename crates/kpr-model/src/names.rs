@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// An IP family. Orders IPv4 before IPv6.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,12 +95,12 @@ impl fmt::Display for Protocol {
 /// A Service's namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ServiceName {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> Self {
         ServiceName {
             namespace: namespace.into(),
             name: name.into(),
@@ -118,12 +119,12 @@ impl fmt::Display for ServiceName {
 pub struct ServicePortName {
     pub service: ServiceName,
     /// The port's name; `""` for the single unnamed port.
-    pub port: String,
+    pub port: Arc<str>,
     pub protocol: Protocol,
 }
 
 impl ServicePortName {
-    pub fn new(service: ServiceName, port: impl Into<String>, protocol: Protocol) -> Self {
+    pub fn new(service: ServiceName, port: impl Into<Arc<str>>, protocol: Protocol) -> Self {
         ServicePortName {
             service,
             port: port.into(),

@@ -264,7 +264,7 @@ fn others(d: &DesiredState, ns: &str, name: &str) -> Vec<String> {
     d.families
         .values()
         .flat_map(|f| f.ports.iter())
-        .filter(|(k, _)| !(k.service.namespace == ns && k.service.name == name))
+        .filter(|(k, _)| !(*k.service.namespace == *ns && *k.service.name == *name))
         .map(|(k, v)| format!("{k} {v:?}"))
         .collect()
 }
@@ -309,13 +309,13 @@ fn the_base_cluster_is_programmed() {
     let odd = v4
         .ports
         .values()
-        .find(|p| p.name.service.name == "odd")
+        .find(|p| &*p.name.service.name == "odd")
         .unwrap();
     assert_eq!(odd.endpoints.len(), 2, "{odd:?}");
     let lb = v4
         .ports
         .values()
-        .find(|p| p.port == 80 && p.name.service.name == "lb")
+        .find(|p| p.port == 80 && &*p.name.service.name == "lb")
         .unwrap();
     assert_eq!(lb.load_balancer_ips.len(), 1);
     assert_eq!(lb.health_check_node_port, Some(32000));

@@ -285,9 +285,9 @@ pub fn port_view(snap: &Snapshot, family: IpFamily, sp: &ServicePortDesired) -> 
     ServicePortView {
         family,
         service_port: sp.name.to_string(),
-        namespace: sp.name.service.namespace.clone(),
-        service: sp.name.service.name.clone(),
-        port_name: sp.name.port.clone(),
+        namespace: sp.name.service.namespace.to_string(),
+        service: sp.name.service.name.to_string(),
+        port_name: sp.name.port.to_string(),
         protocol: sp.protocol.to_string(),
         cluster_ip: sp.cluster_ip,
         port: sp.port,

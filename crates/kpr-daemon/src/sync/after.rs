@@ -214,8 +214,8 @@ impl SyncState {
         for (name, port, ips) in self.after_index.health_checks(primary) {
             let entry = wanted.entry(port).or_insert_with(|| {
                 let w = kpr_ops::service_health::Wanted {
-                    namespace: name.service.namespace.clone(),
-                    name: name.service.name.clone(),
+                    namespace: name.service.namespace.to_string(),
+                    name: name.service.name.to_string(),
                     local_endpoints: 0,
                 };
                 (w, std::collections::BTreeSet::new())

@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn long_names_are_cut_within_the_limit() {
         let long = "x".repeat(300);
-        let p = ServicePortName::new(ServiceName::new("ns", &long), "p", Protocol::Udp);
+        let p = ServicePortName::new(ServiceName::new("ns", long.as_str()), "p", Protocol::Udp);
         let c = chain(
             "endpoint",
             &endpoint_base(&p, "[fd00::1]:53".parse().unwrap()),

@@ -277,8 +277,12 @@ pub fn render(
     for (s, before) in touched {
         let now = next.shared.contains_key(&s);
         match (s, before, now) {
-            (s @ (Shared::ClusterIp(_) | Shared::Hairpin(_)), true, false) => del_elems.extend(s.element()),
-            (s @ (Shared::ClusterIp(_) | Shared::Hairpin(_)), false, true) => add_elems.extend(s.element()),
+            (s @ (Shared::ClusterIp(_) | Shared::Hairpin(_)), true, false) => {
+                del_elems.extend(s.element())
+            }
+            (s @ (Shared::ClusterIp(_) | Shared::Hairpin(_)), false, true) => {
+                add_elems.extend(s.element())
+            }
             (s @ (Shared::Map(..) | Shared::ClusterMap(_)), true, false) => {
                 stale_sets.extend(s.map().map(|m| m.name));
             }

@@ -91,7 +91,9 @@ impl Harness {
         d.families[&family]
             .ports
             .iter()
-            .find(|(k, _)| k.service.namespace == ns && k.service.name == svc && k.port == port)
+            .find(|(k, _)| {
+                *k.service.namespace == *ns && *k.service.name == *svc && *k.port == *port
+            })
             .map(|(_, v)| (**v).clone())
     }
 

@@ -5,9 +5,7 @@
 
 use super::{PortCtx, local_match, set_elem};
 use crate::nftables::layout;
-use kpr_nft::{
-    Chain, Element, Key, KeyType, L4Proto, Map, Match, Op, Rule, Statement, Verdict,
-};
+use kpr_nft::{Chain, Element, Key, KeyType, L4Proto, Map, Match, Op, Rule, Statement, Verdict};
 use std::net::IpAddr;
 
 /// An object several ports may need, in a compact form (the committed copy counts
