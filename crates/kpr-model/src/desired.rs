@@ -360,7 +360,7 @@ pub(crate) fn merge_endpoints(
                 ready: ep.ready && !ep.terminating,
                 serving: ep.serving,
                 terminating: ep.terminating,
-                local: ep.node_name.as_deref() == Some(node),
+                local: ep.node_name() == Some(node),
                 zone_hints: ep.zone_hints().clone(),
                 node_hints: ep.node_hints().clone(),
             };

@@ -6,7 +6,7 @@
 //! endpoint with an invalid address), kept without that entry and the drop reported alongside.
 
 use crate::input::ObjectKey;
-use crate::intern::Interner;
+use crate::intern::{Interner, Place};
 use crate::names::{IpFamily, Protocol, ServiceName};
 use crate::objects::{EndpointSlice, Service, ServiceCidr};
 use ipnet::IpNet;
@@ -124,17 +124,16 @@ impl ClusterIps {
     }
 }
 
-/// An endpoint of one slice. Compact (64 bytes): a cluster holds one per endpoint; node and
-/// zone names are shared ([`Interner`]) and the rarely set hints are boxed.
+/// An endpoint of one slice. Compact (40 bytes): a cluster holds one per endpoint; its node
+/// and zone are one shared [`Place`] ([`Interner`]) and the rarely set hints are boxed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceEndpoint {
     pub ip: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<Arc<str>>,
-    /// The endpoint's own zone (shown by explain; selection uses hints).
-    pub zone: Option<Arc<str>>,
+    /// Its node and its own zone (the zone is shown by explain; selection uses hints).
+    pub place: Option<Arc<Place>>,
     /// Its topology hints; `None` when it has neither kind.
     pub hints: Option<Box<TopologyHints>>,
 }
@@ -150,6 +149,16 @@ pub struct TopologyHints {
 static NO_HINTS: BTreeSet<String> = BTreeSet::new();
 
 impl SliceEndpoint {
+    /// The node it is on, if the slice says.
+    pub fn node_name(&self) -> Option<&str> {
+        self.place.as_ref().and_then(|p| p.node.as_deref())
+    }
+
+    /// The endpoint's own zone, if the slice says.
+    pub fn zone(&self) -> Option<&str> {
+        self.place.as_ref().and_then(|p| p.zone.as_deref())
+    }
+
     /// The zones this endpoint is hinted for (empty: none).
     pub fn zone_hints(&self) -> &BTreeSet<String> {
         self.hints.as_ref().map_or(&NO_HINTS, |h| &h.zones)
@@ -500,18 +509,15 @@ pub fn parse_slice_with(
                 .map(|n| n.name.clone())
                 .collect(),
         };
-        let mut name = |n: &Option<String>| {
-            n.as_deref()
-                .filter(|n| !n.is_empty())
-                .map(|n| names.intern(n))
-        };
+        fn name(n: &Option<String>) -> Option<&str> {
+            n.as_deref().filter(|n| !n.is_empty())
+        }
         endpoints.push(SliceEndpoint {
             ip,
             ready: cond.and_then(|c| c.ready).unwrap_or(true),
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: name(&ep.node_name),
-            zone: name(&ep.zone),
+            place: names.place(name(&ep.node_name), name(&ep.zone)),
             hints: (hints != TopologyHints::default()).then(|| Box::new(hints)),
         });
     }

@@ -127,8 +127,8 @@ impl ClusterState {
         let mut nodes = BTreeMap::new();
         for s in self.slices(&port.service).filter(|s| s.family == family) {
             for e in &s.endpoints {
-                zones.insert(e.ip, e.zone.as_deref().map(str::to_owned));
-                nodes.insert(e.ip, e.node_name.as_deref().map(str::to_owned));
+                zones.insert(e.ip, e.zone().map(str::to_owned));
+                nodes.insert(e.ip, e.node_name().map(str::to_owned));
             }
         }
         (zones, nodes)

@@ -284,8 +284,8 @@ proptest! {
     }
 }
 
-/// Issue 16: endpoints of different slices on one node share one copy of its name, and a
-/// parsed endpoint stays compact (a cluster holds one per endpoint).
+/// Issue 16: endpoints of different slices on one node share one copy of its place (node and
+/// zone), and a parsed endpoint stays compact (a cluster holds one per endpoint).
 #[test]
 fn node_names_are_shared_between_slices() {
     let mut t = Trackers::new();
@@ -302,14 +302,14 @@ fn node_names_are_shared_between_slices() {
         .iter()
         .flat_map(|svc| t.state().slices(svc))
         .flat_map(|s| s.endpoints.iter())
-        .map(|e| e.node_name.clone().unwrap())
+        .map(|e| e.place.clone().unwrap())
         .collect();
     assert_eq!(names.len(), 4);
-    assert!(names.iter().all(|n| &**n == "node-1"));
+    assert!(names.iter().all(|p| p.node.as_deref() == Some("node-1")));
     assert!(
         names
             .windows(2)
             .all(|w| std::sync::Arc::ptr_eq(&w[0], &w[1]))
     );
-    assert!(std::mem::size_of::<kpr_model::parse::SliceEndpoint>() <= 64);
+    assert!(std::mem::size_of::<kpr_model::parse::SliceEndpoint>() <= 40);
 }

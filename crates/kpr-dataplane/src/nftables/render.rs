@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use shared::Shared;
+use shared::{Counts, Shared};
 pub use slots::SLOTS;
 use slots::{assign_slots, changes_slotted, kept_home, reassign_slots};
 
@@ -158,7 +158,7 @@ pub struct Rendered {
     slots: BTreeMap<ServicePortName, u32>,
     /// Reference counts of shared elements (ports of one Service share a ClusterIP; Services
     /// share endpoints).
-    shared: std::collections::HashMap<Shared, u32>,
+    shared: Counts,
     config: Option<NftConfig>,
     /// The ServiceCIDR ranges `cluster-ips-check` drops.
     service_cidrs: Vec<ipnet::IpNet>,
@@ -225,7 +225,7 @@ pub fn render(
         let old = next.objects(name);
         next.ports.remove(name);
         for e in &old.shared {
-            let present = next.shared.contains_key(e);
+            let present = next.shared.contains(e);
             touched.entry(*e).or_insert(present);
         }
         next.release(name, &old);
@@ -237,7 +237,7 @@ pub fn render(
             .get(name)
             .map(|sp| build_port(sp, &ctx, next.slots.get(name).copied()));
         for e in built.iter().flat_map(|b| &b.shared) {
-            let present = next.shared.contains_key(e);
+            let present = next.shared.contains(e);
             touched.entry(*e).or_insert(present);
         }
         let slot = next.slots.get(name).copied();
@@ -275,7 +275,7 @@ pub fn render(
         }
     }
     for (s, before) in touched {
-        let now = next.shared.contains_key(&s);
+        let now = next.shared.contains(&s);
         match (s, before, now) {
             (s @ (Shared::ClusterIp(_) | Shared::Hairpin(_)), true, false) => {
                 del_elems.extend(s.element())
@@ -470,14 +470,10 @@ fn render_full_with(
         ctx: Some(ctx.clone()),
         service_cidrs: fam.service_cidrs.clone(),
         slots: assign_slots(fam, cfg.endpoint_slots),
-        // Sized once (at most a ClusterIP and a hairpin element per endpoint, and a few maps
-        // and chains): growing it would hold the old and the new table at once.
-        shared: std::collections::HashMap::with_capacity(
-            fam.ports
-                .values()
-                .map(|sp| 1 + sp.endpoints.len())
-                .sum::<usize>()
-                + 64,
+        shared: Counts::with_capacity(
+            fam.family,
+            fam.ports.len(),
+            fam.ports.values().map(|sp| sp.endpoints.len()).sum(),
         ),
         ..Rendered::default()
     };
@@ -516,7 +512,7 @@ fn render_full_with(
         for s in built
             .shared
             .iter()
-            .filter(|s| !next.shared.contains_key(*s) && !picks.contains(*s))
+            .filter(|s| !next.shared.contains(*s) && !picks.contains(*s))
         {
             match s {
                 Shared::Map(..) | Shared::ClusterMap(_) => fresh_maps.extend(s.ops(&ctx)),
@@ -620,7 +616,7 @@ impl Rendered {
         });
         drop_lost(&mut objs, &lost);
         for e in &objs.shared {
-            *self.shared.entry(*e).or_default() += 1;
+            self.shared.add(*e);
         }
         (objs, lost)
     }
@@ -643,12 +639,7 @@ impl Rendered {
             }
         }
         for e in &objs.shared {
-            if let Some(n) = self.shared.get_mut(e) {
-                *n -= 1;
-                if *n == 0 {
-                    self.shared.remove(e);
-                }
-            }
+            self.shared.release(e);
         }
     }
 }
