@@ -512,7 +512,7 @@ fn render_full_with(
         for s in built
             .shared
             .iter()
-            .filter(|s| !next.shared.contains(*s) && !picks.contains(*s))
+            .filter(|s| !next.shared.contains(s) && !picks.contains(*s))
         {
             match s {
                 Shared::Map(..) | Shared::ClusterMap(_) => fresh_maps.extend(s.ops(&ctx)),
