@@ -1,5 +1,6 @@
 //! The `kube-proxy-rs` command line: upstream kube-proxy's flags (§9.4) plus our own
-//! (`--manifests`, `--dry-run`, `--nftables-*-sync-period`), parsed pflag-style.
+//! (`--manifests`, `--dry-run`, `--nftables-*-sync-period`, `--socket-lb*`), parsed
+//! pflag-style.
 //!
 //! Booleans take `--flag` or `--flag=true|false`; lists are comma-separated and may repeat;
 //! `-v 2`, `-v=2` and `--v=2` all set the verbosity. Every flag that maps to configuration is an
@@ -207,6 +208,19 @@ pub struct Flags {
     /// Compute the ruleset once, print it and exit.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_go_bool)]
     pub dry_run: Option<bool>,
+    /// [nftables mode] Balance ClusterIP connections from this node's processes and pods at
+    /// connect() with cgroup eBPF programs: no NAT for them. Falls back to plain nftables when
+    /// the kernel lacks the hooks. Off removes what an earlier run attached.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true", require_equals = true, value_parser = parse_go_bool)]
+    pub socket_lb: Option<bool>,
+    /// The cgroup v2 directory the socket-lb programs are attached to (default: the host's
+    /// cgroup v2 mount, /sys/fs/cgroup or /sys/fs/cgroup/unified).
+    #[arg(long, value_name = "DIR")]
+    pub socket_lb_cgroup: Option<PathBuf>,
+    /// Where the socket-lb maps and links are pinned (a bpf filesystem), so a restart replaces
+    /// them without a gap.
+    #[arg(long, value_name = "DIR")]
+    pub socket_lb_pin_dir: Option<PathBuf>,
     /// Long names of the flags given on the command line (filled by `try_parse_args`).
     #[arg(skip)]
     pub explicit: BTreeSet<String>,

@@ -46,7 +46,7 @@ pub use logging::{
 };
 pub use proxy::{
     ClientSettings, ConntrackSettings, DetectLocal, LogSettings, NodePortAddresses, ProxyConfig,
-    ProxyMode,
+    ProxyMode, SocketLb,
 };
 pub use resolve::{Resolved, resolve, resolve_with};
 pub use types::{

@@ -169,8 +169,22 @@ pub struct ProxyConfig {
     pub manifests: Option<PathBuf>,
     /// `--dry-run`: compute once, print, exit.
     pub dry_run: bool,
+    /// `--socket-lb`, `--socket-lb-cgroup`, `--socket-lb-pin-dir`.
+    pub socket_lb: SocketLb,
     /// `--config`: the file read, watched for changes (§2.3).
     pub config_path: Option<PathBuf>,
+}
+
+/// Socket-level load balancing (nftables mode; kube-proxy-rs only, not in the
+/// `KubeProxyConfiguration` file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketLb {
+    /// `--socket-lb`.
+    pub enabled: bool,
+    /// `--socket-lb-cgroup`; `None`: the host's cgroup v2 mount.
+    pub cgroup: Option<PathBuf>,
+    /// `--socket-lb-pin-dir`; `None`: the default under /sys/fs/bpf.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl ProxyConfig {

@@ -50,6 +50,9 @@ const HONOURED_WITH_CONFIG: &[&str] = &[
     "version",
     "manifests",
     "dry-run",
+    "socket-lb",
+    "socket-lb-cgroup",
+    "socket-lb-pin-dir",
 ];
 
 /// Resolves `flags`, reading the `--config` file if one is given.
@@ -102,6 +105,11 @@ pub fn resolve_with(flags: &Flags, config_text: Option<&str>) -> Result<Resolved
     proxy.write_config_to = flags.write_config_to.clone();
     proxy.manifests = flags.manifests.clone();
     proxy.dry_run = flags.dry_run.unwrap_or(false);
+    proxy.socket_lb = crate::proxy::SocketLb {
+        enabled: flags.socket_lb.unwrap_or(false),
+        cgroup: flags.socket_lb_cgroup.clone(),
+        pin_dir: flags.socket_lb_pin_dir.clone(),
+    };
     proxy.config_path = flags.config.clone();
     Ok(Resolved {
         file_config: cfg,

@@ -219,6 +219,7 @@ pub(crate) fn build(cfg: &KubeProxyConfiguration) -> Result<ProxyConfig, Vec<Fie
         write_config_to: None,
         manifests: None,
         dry_run: false,
+        socket_lb: Default::default(),
         config_path: None,
     };
     if errs.is_empty() {

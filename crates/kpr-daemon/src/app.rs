@@ -159,7 +159,7 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         return Ok(());
     }
     if proxy.cleanup {
-        return cleanup();
+        return cleanup(&crate::socket_lb::pin_dir(&proxy.socket_lb));
     }
     let cfg = sync_config(proxy)?;
     raise_fd_limit();
@@ -228,6 +228,12 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
                 proxy.masquerade_bit,
                 proxy.node_port_addresses.clone(),
             )
+            .with_socket_lb(crate::socket_lb::setup(&proxy.socket_lb, proxy.mode).map(
+                |(lb, cgroup)| {
+                    hub.set_socket_lb(cgroup.display().to_string());
+                    lb
+                },
+            ))
         }
         ProxyMode::Iptables => {
             let variant = kpr_dataplane::iptables::exec::detect();
@@ -264,6 +270,8 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
                 tools: settings.tools,
                 drop_invalid: settings.drop_invalid,
             });
+            // Socket-lb is for the nftables mode: what an earlier run attached goes.
+            crate::socket_lb::setup(&proxy.socket_lb, proxy.mode);
             let nl = (variant == kpr_dataplane::iptables::exec::Variant::Nft).then_some(exec);
             Dataplane::iptables(
                 settings,
@@ -355,10 +363,11 @@ fn set_conntrack_sysctls(proxy: &ProxyConfig) {
     }
 }
 
-/// `--cleanup` (§2.4): removes our nftables tables, upstream kube-proxy's nftables tables and
-/// the iptables chains and jumps of either's iptables mode (iptables-nft and -legacy), then
-/// exits; non-zero if any step failed.
-fn cleanup() -> anyhow::Result<()> {
+/// `--cleanup` (§2.4): removes our nftables tables, upstream kube-proxy's nftables tables,
+/// the iptables chains and jumps of either's iptables mode (iptables-nft and -legacy) and the
+/// socket-lb programs and maps pinned in `socket_lb_pins`, then exits; non-zero if any step
+/// failed.
+fn cleanup(socket_lb_pins: &Path) -> anyhow::Result<()> {
     let exec = kpr_nft::Netlink::open().map_err(|e| {
         anyhow::anyhow!("cannot open an nf_tables netlink socket (needs CAP_NET_ADMIN): {e}")
     })?;
@@ -366,7 +375,8 @@ fn cleanup() -> anyhow::Result<()> {
     let ours = Dataplane::remove_nft_tables(exec.as_mut(), kpr_dataplane::nftables::layout::TABLE);
     let theirs = Dataplane::remove_nft_tables(exec.as_mut(), "kube-proxy");
     let iptables = Dataplane::remove_iptables_rules();
-    if ours && theirs && iptables {
+    let socket_lb = crate::socket_lb::remove(socket_lb_pins);
+    if ours && theirs && iptables && socket_lb {
         tracing::info!("Removed every rule of kube-proxy-rs and of upstream kube-proxy");
         Ok(())
     } else {

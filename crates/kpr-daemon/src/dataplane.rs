@@ -121,6 +121,8 @@ pub struct Dataplane {
     node_ports: NodePortAddresses,
     /// The largest cold-start transaction, in operations.
     cold_max_ops: usize,
+    /// Socket-level load balancing on top of the nftables mode (`--socket-lb`), when on.
+    socket_lb: Option<crate::socket_lb::Balancer>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -153,6 +155,7 @@ impl Dataplane {
             masquerade_bit,
             node_ports,
             cold_max_ops: COLD_START_MAX_OPS,
+            socket_lb: None,
         }
     }
 
@@ -173,6 +176,7 @@ impl Dataplane {
             masquerade_bit,
             node_ports,
             cold_max_ops: COLD_START_MAX_OPS,
+            socket_lb: None,
         }
     }
 
@@ -181,6 +185,18 @@ impl Dataplane {
     pub fn with_cold_start_max_ops(mut self, max_ops: usize) -> Dataplane {
         self.cold_max_ops = max_ops.max(1);
         self
+    }
+
+    /// Keeps socket-lb's maps in step with the nftables rules (nftables mode: each family's
+    /// maps are written after its rules were applied).
+    pub fn with_socket_lb(mut self, lb: Option<kpr_socklb::SocketLb>) -> Dataplane {
+        self.socket_lb = lb.map(crate::socket_lb::Balancer::new);
+        self
+    }
+
+    /// Whether socket-level load balancing is on.
+    pub fn socket_lb(&self) -> bool {
+        self.socket_lb.is_some()
     }
 
     /// "nftables" or "iptables".
@@ -273,6 +289,10 @@ impl Dataplane {
                 &mut report,
             ),
         };
+        if let Some(lb) = &mut self.socket_lb {
+            let failed: Vec<IpFamily> = failed.iter().map(|f| f.family).collect();
+            lb.after_sync(desired, plan, &failed);
+        }
         report.elapsed = start.elapsed();
         if failed.is_empty() {
             Ok(report)

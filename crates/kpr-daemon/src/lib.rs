@@ -9,4 +9,5 @@ pub mod latency;
 pub mod logging;
 pub mod report;
 pub mod sandbox;
+pub mod socket_lb;
 pub mod sync;

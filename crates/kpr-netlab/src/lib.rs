@@ -6,6 +6,10 @@
 //! configured in, or sent from, the namespace the tests run in. Without root the lab is not
 //! built and the test prints a loud SKIPPED line.
 
+mod cgroup;
+
+pub use cgroup::{TestCgroup, mount_fs, unmount};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -134,6 +138,26 @@ impl Lab {
         )
     }
 
+    /// [`Lab::tcp`] from a process in the cgroup v2 directory `cgroup` (a test's own).
+    pub fn tcp_in_cgroup(&self, ns: &str, cgroup: &Path, dst: &str, port: u16) -> Reply {
+        self.request_from(
+            ns,
+            &enter(cgroup),
+            "-u",
+            &format!("TCP:{}:{port},connect-timeout=2 -", bracket(dst)),
+        )
+    }
+
+    /// [`Lab::udp`] from a process in the cgroup v2 directory `cgroup` (a test's own).
+    pub fn udp_in_cgroup(&self, ns: &str, cgroup: &Path, dst: &str, port: u16) -> Reply {
+        self.request_from(
+            ns,
+            &enter(cgroup),
+            "-t2",
+            &format!("- UDP:{}:{port}", bracket(dst)),
+        )
+    }
+
     /// Sends one UDP datagram from a namespace and waits for one reply.
     pub fn udp(&self, ns: &str, dst: &str, port: u16) -> Reply {
         // UDP has no close: wait up to 2 s for the reply after sending.
@@ -156,9 +180,13 @@ impl Lab {
     }
 
     fn request(&self, ns: &str, opts: &str, target: &str) -> Reply {
+        self.request_from(ns, "", opts, target)
+    }
+
+    fn request_from(&self, ns: &str, prefix: &str, opts: &str, target: &str) -> Reply {
         let out = self.try_sh(
             ns,
-            &format!("echo hello | timeout 8 socat -T5 {opts} {target}"),
+            &format!("{prefix}echo hello | timeout 8 socat -T5 {opts} {target}"),
         );
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -248,4 +276,9 @@ fn run(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A shell prefix that moves the shell (and so what it runs) into `cgroup`.
+fn enter(cgroup: &Path) -> String {
+    format!("echo $$ > '{}/cgroup.procs' && ", cgroup.display())
 }

@@ -309,3 +309,39 @@ fn proxy_config_defaults_match_an_empty_command_line() {
     let r = resolve_args(&[], None).unwrap();
     assert_eq!(r.proxy, ProxyConfig::defaults().unwrap());
 }
+
+/// Issue 18: the socket-lb flags are ours, honoured beside `--config`, off by default, and
+/// never part of the `KubeProxyConfiguration` document.
+#[test]
+fn socket_lb_flags_are_ours_and_off_by_default() {
+    let off = resolve(&flags(&[])).unwrap();
+    assert_eq!(off.proxy.socket_lb, crate::SocketLb::default());
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(doc("mode: nftables\n").as_bytes()).unwrap();
+    let path = file.path().to_str().unwrap().to_string();
+    let r = resolve(&flags(&[
+        "--config",
+        &path,
+        "--socket-lb",
+        "--socket-lb-cgroup=/sys/fs/cgroup/unified",
+        "--socket-lb-pin-dir",
+        "/sys/fs/bpf/test",
+    ]))
+    .unwrap();
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert_eq!(
+        r.proxy.socket_lb,
+        crate::SocketLb {
+            enabled: true,
+            cgroup: Some("/sys/fs/cgroup/unified".into()),
+            pin_dir: Some("/sys/fs/bpf/test".into()),
+        }
+    );
+    assert!(
+        !format!("{:?}", r.file_config)
+            .to_lowercase()
+            .contains("socket")
+    );
+    let explicit_off = resolve(&flags(&["--socket-lb=false"])).unwrap();
+    assert!(!explicit_off.proxy.socket_lb.enabled);
+}

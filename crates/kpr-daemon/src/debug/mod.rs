@@ -97,6 +97,8 @@ pub struct Hub {
     ipt: std::sync::OnceLock<verify::IptHost>,
     /// The proxy's health, for the status page (set once by `app.rs`).
     health: std::sync::OnceLock<Arc<kpr_ops::server::Health>>,
+    /// The cgroup socket-lb balances, when it is on (set once by `app.rs`), for explain.
+    socket_lb: std::sync::OnceLock<String>,
     /// The last comparison of the kernel with the committed rules (explain reuses it for a
     /// while: reading a 10,000-Service table takes seconds), and whether one is under way.
     kernel: Mutex<Option<Arc<verify::Reading>>>,
@@ -113,6 +115,7 @@ impl Hub {
             want: Notify::new(),
             ipt: std::sync::OnceLock::new(),
             health: std::sync::OnceLock::new(),
+            socket_lb: std::sync::OnceLock::new(),
             kernel: Mutex::new(None),
             reading: std::sync::atomic::AtomicBool::new(false),
         })
@@ -121,6 +124,16 @@ impl Hub {
     /// Lets the status page show the proxy's health (the first handle given stays).
     pub fn set_health(&self, health: Arc<kpr_ops::server::Health>) {
         let _ = self.health.set(health);
+    }
+
+    /// Socket-level load balancing is on for the processes of `cgroup` (explain says so).
+    pub fn set_socket_lb(&self, cgroup: String) {
+        let _ = self.socket_lb.set(cgroup);
+    }
+
+    /// The cgroup socket-lb balances, when it is on.
+    pub fn socket_lb(&self) -> Option<&str> {
+        self.socket_lb.get().map(String::as_str)
     }
 
     /// The proxy's health, when it was given.

@@ -31,6 +31,9 @@ use std::time::Duration;
 pub struct LiveExplanation {
     #[serde(flatten)]
     pub explanation: Explanation,
+    /// What the socket hooks do with a connection to this frontend, when socket-lb is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_lb: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelView>,
 }
@@ -38,6 +41,9 @@ pub struct LiveExplanation {
 impl fmt::Display for LiveExplanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.explanation)?;
+        if let Some(s) = &self.socket_lb {
+            writeln!(f, "Socket-lb: {s}")?;
+        }
         match &self.kernel {
             Some(k) => write!(f, "{k}"),
             None => Ok(()),
@@ -100,9 +106,53 @@ pub fn explain_live(
     q: &ExplainQuery,
 ) -> Result<LiveExplanation, String> {
     let explanation = explain_in(hub, snap, q)?;
+    let socket_lb = hub
+        .socket_lb()
+        .and_then(|cgroup| socket_lb_line(snap, &explanation, cgroup));
     Ok(LiveExplanation {
         explanation,
+        socket_lb,
         kernel: q.kernel.then(|| kernel_view(hub, snap, q)),
+    })
+}
+
+/// What the socket hooks do with a connection to the packet's ClusterIP and port (issue 18):
+/// the same choice as the rules, made at `connect()`/`sendmsg()`, for sockets of processes
+/// in `cgroup`. `None` when the hooks leave the frontend to the rules.
+fn socket_lb_line(snap: &Snapshot, e: &Explanation, cgroup: &str) -> Option<String> {
+    if e.frontend.as_ref()?.kind != "ClusterIP" {
+        return None;
+    }
+    let p = &e.packet;
+    let sp = snap
+        .desired
+        .families
+        .get(&e.family)?
+        .ports
+        .values()
+        .find(|sp| {
+            sp.cluster_ip == p.dst
+                && sp.port == p.port
+                && sp.protocol.lower() == p.protocol.to_lowercase()
+        })?;
+    let (_, entry) = kpr_socklb::plan::entry(sp)?;
+    Some(if entry.refuses() {
+        format!(
+            "a connect() from a process in cgroup {cgroup} fails at once with ECONNREFUSED (no endpoints); other sockets meet the rules below"
+        )
+    } else {
+        format!(
+            "a connect() or sendmsg() from a process in cgroup {cgroup} is given one of these {} endpoint(s) before any packet exists: no DNAT, no conntrack NAT{}; other sockets (e.g. from other nodes) meet the rules below",
+            entry.backends.len(),
+            if entry.affinity > 0 {
+                format!(
+                    ", ClientIP affinity per network namespace for {} s",
+                    entry.affinity
+                )
+            } else {
+                String::new()
+            }
+        )
     })
 }
 
