@@ -146,10 +146,16 @@ impl Node {
 
     /// Starts the proxy (with socket-lb when `socket_lb`) and waits for its first sync.
     fn start(&mut self, socket_lb: bool) -> u32 {
+        let cgroup = self.cgroup.path().to_owned();
+        self.start_with(socket_lb, &cgroup)
+    }
+
+    /// [`Node::start`], attaching to `cgroup`.
+    fn start_with(&mut self, socket_lb: bool, cgroup: &Path) -> u32 {
         let lb = if socket_lb {
             format!(
                 "--socket-lb --socket-lb-cgroup {} --socket-lb-pin-dir {}",
-                self.cgroup.path().display(),
+                cgroup.display(),
                 self.pins.dir.display()
             )
         } else {
@@ -354,4 +360,35 @@ fn cleanup_removes_the_socket_lb_programs_and_maps() {
     // Without the programs (and without our table), nothing balances the ClusterIP.
     let r = n.lab.tcp_in_cgroup(&n.node, n.cg(), "172.30.0.10", 80);
     assert!(!matches!(r, Reply::Ok(_)), "{r:?}");
+}
+
+/// A cgroup the programs cannot be attached to (as a kernel without the hooks): one warning,
+/// and plain nftables handles the traffic; the proxy keeps running.
+#[test]
+fn a_failed_attach_logs_one_warning_and_runs_plain_nftables() {
+    let Some(mut n) = Node::new("socklb-fail") else {
+        return;
+    };
+    n.manifest("web.yaml", &service("web", "172.30.0.10", ""));
+    n.manifest("web-eps.yaml", &slice("web", &["10.0.0.10"]));
+    let missing = n.cg().join("not-there");
+    let pid = n.start_with(true, &missing);
+    assert_eq!(
+        n.log().matches("Socket-level load balancing is off").count(),
+        1,
+        "{}",
+        n.log()
+    );
+    n.flush_conntrack();
+    let r = n.lab.tcp_in_cgroup(&n.node, n.cg(), "172.30.0.10", 80);
+    assert_eq!(pod_of(&r), "pod-a");
+    assert!(n.conntrack_to("172.30.0.10") > 0, "plain nftables DNAT");
+    n.apply("web-eps.yaml", &slice("web", &["10.0.0.11"]));
+    assert_eq!(
+        pod_of(&n.lab.tcp_in_cgroup(&n.node, n.cg(), "172.30.0.10", 80)),
+        "pod-b"
+    );
+    assert_eq!(n.log().matches("Socket-level load balancing is off").count(), 1);
+    assert!(!n.pins.dir.exists(), "nothing pinned");
+    n.stop(pid);
 }
