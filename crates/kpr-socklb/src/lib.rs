@@ -7,6 +7,8 @@
 //!   `getpeername4/6`), compiled by `build.rs` when clang and the libbpf headers are there.
 //! * [`plan`]: pure: what the maps must hold, their byte layout, the operations in a safe order.
 //! * [`mounts`]: pure mountinfo parsing: where cgroup v2 and bpffs are.
+//! * [`trace`]: pure: where a connection goes, read from the maps' bytes as the programs read
+//!   them (checked against the model's intent in `tests/trace.rs`).
 //! * `loader`: the kernel side: load, attach, pin, map writes, removal.
 //!
 //! Semantics (as the nftables mode's, for ClusterIP TCP and UDP from processes in the cgroup):
@@ -30,6 +32,7 @@
 
 pub mod mounts;
 pub mod plan;
+pub mod trace;
 
 mod loader;
 
