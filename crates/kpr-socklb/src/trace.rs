@@ -4,26 +4,29 @@
 //! iptables modes' tracers are.
 
 use crate::plan::{
-    ADDR_PORT_LEN, BE_KEY_LEN, Frontend, Op, SVC_F_REFUSE, SVC_KEY_LEN, SVC_VAL_LEN, SvcVal,
-    addr_port, be_key, decode_addr_port, decode_svc_val, svc_key, svc_val,
+    ADDR_PORT_LEN, BE_KEY_LEN, Frontend, MEMBER_KEY_LEN, MEMBER_VAL_LEN, Op, Programmed,
+    SVC_F_REFUSE, SVC_KEY_LEN, SVC_VAL_LEN, SvcVal, addr_port, be_key, decode_addr_port,
+    decode_svc_val, member_key, member_val, svc_key, svc_val,
 };
 use kpr_model::names::{IpFamily, Protocol};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-/// The `services` and `backends` maps as bytes, written by the same operations the loader
-/// writes to the kernel.
+/// The `services`, `backends` and `members` maps as bytes, written by the same operations the
+/// loader writes to the kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Maps {
-    services: BTreeMap<[u8; SVC_KEY_LEN], [u8; SVC_VAL_LEN]>,
-    backends: BTreeMap<[u8; BE_KEY_LEN], [u8; ADDR_PORT_LEN]>,
+    pub(crate) services: BTreeMap<[u8; SVC_KEY_LEN], [u8; SVC_VAL_LEN]>,
+    pub(crate) backends: BTreeMap<[u8; BE_KEY_LEN], [u8; ADDR_PORT_LEN]>,
+    pub(crate) members: BTreeMap<[u8; MEMBER_KEY_LEN], [u8; MEMBER_VAL_LEN]>,
 }
 
 impl Maps {
-    /// Applies one operation (`members` is the affinity check's, not the choice's: left out).
+    /// Applies one operation.
     pub fn apply(&mut self, op: &Op) {
         match *op {
             Op::PutBackend { id, slot, addr } => {
+                self.members.insert(member_key(id, addr), member_val(slot));
                 self.backends.insert(be_key(id, slot), addr_port(addr));
             }
             Op::PutService {
@@ -44,11 +47,34 @@ impl Maps {
             Op::DeleteService { frontend } => {
                 self.services.remove(&svc_key(&frontend));
             }
-            Op::DeleteBackend { id, slot, .. } => {
+            Op::DeleteBackend { id, slot, addr } => {
                 self.backends.remove(&be_key(id, slot));
+                self.members.remove(&member_key(id, addr));
             }
-            Op::DeleteMember { .. } => {}
+            Op::DeleteMember { id, addr } => {
+                self.members.remove(&member_key(id, addr));
+            }
         }
+    }
+
+    /// A Service entry that names a slot its list lacks (id, slot): a half-written list.
+    pub fn half_written(&self) -> Option<(u32, u32)> {
+        self.services.values().map(decode_svc_val).find_map(|v| {
+            if v.flags & SVC_F_REFUSE != 0 {
+                return None;
+            }
+            (0..v.count)
+                .find(|slot| !self.backends.contains_key(&be_key(v.id, *slot)))
+                .map(|slot| (v.id, slot))
+        })
+    }
+
+    /// What they hold, read back as the loader reads the kernel's maps.
+    pub fn read(&self) -> Programmed {
+        let s: Vec<_> = self.services.iter().map(|(k, v)| (*k, *v)).collect();
+        let b: Vec<_> = self.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        let m: Vec<_> = self.members.iter().map(|(k, v)| (*k, *v)).collect();
+        Programmed::from_maps(&s, &b, &m)
     }
 }
 

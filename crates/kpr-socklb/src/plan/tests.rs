@@ -198,74 +198,23 @@ fn the_target_names_the_owner_of_every_frontend() {
 
 // ---- The safe order, against an in-memory copy of the maps ----
 
+/// The maps in memory (`crate::trace::Maps`), checked after every operation.
 #[derive(Default)]
-struct Fake {
-    services: BTreeMap<[u8; SVC_KEY_LEN], [u8; SVC_VAL_LEN]>,
-    backends: BTreeMap<[u8; BE_KEY_LEN], [u8; ADDR_PORT_LEN]>,
-    members: BTreeMap<[u8; MEMBER_KEY_LEN], [u8; MEMBER_VAL_LEN]>,
-}
+struct Fake(crate::trace::Maps);
 
 impl Fake {
     /// Applies the ops one by one; after each, every Service's list is whole.
     fn apply_checked(&mut self, ops: &[Op]) {
         for op in ops {
-            match *op {
-                Op::PutBackend { id, slot, addr } => {
-                    self.members.insert(member_key(id, addr), member_val(slot));
-                    self.backends.insert(be_key(id, slot), addr_port(addr));
-                }
-                Op::PutService {
-                    frontend,
-                    id,
-                    count,
-                    affinity,
-                    flags,
-                } => {
-                    let v = SvcVal {
-                        id,
-                        count,
-                        affinity,
-                        flags,
-                    };
-                    self.services.insert(svc_key(&frontend), svc_val(&v));
-                }
-                Op::DeleteService { frontend } => {
-                    self.services.remove(&svc_key(&frontend));
-                }
-                Op::DeleteBackend { id, slot, addr } => {
-                    self.backends.remove(&be_key(id, slot));
-                    self.members.remove(&member_key(id, addr));
-                }
-                Op::DeleteMember { id, addr } => {
-                    self.members.remove(&member_key(id, addr));
-                }
-            }
-            self.assert_whole(op);
-        }
-    }
-
-    fn assert_whole(&self, after: &Op) {
-        for v in self.services.values() {
-            let v = decode_svc_val(v);
-            if v.flags & SVC_F_REFUSE != 0 {
-                assert_eq!(v.count, 0);
-                continue;
-            }
-            for slot in 0..v.count {
-                assert!(
-                    self.backends.contains_key(&be_key(v.id, slot)),
-                    "after {after:?}: service id {} misses slot {slot}",
-                    v.id
-                );
+            self.0.apply(op);
+            if let Some((id, slot)) = self.0.half_written() {
+                panic!("after {op:?}: service id {id} misses slot {slot}");
             }
         }
     }
 
     fn read(&self) -> Programmed {
-        let s: Vec<_> = self.services.iter().map(|(k, v)| (*k, *v)).collect();
-        let b: Vec<_> = self.backends.iter().map(|(k, v)| (*k, *v)).collect();
-        let m: Vec<_> = self.members.iter().map(|(k, v)| (*k, *v)).collect();
-        Programmed::from_maps(&s, &b, &m)
+        self.0.read()
     }
 }
 
@@ -387,8 +336,8 @@ fn a_changed_list_goes_in_under_a_new_id_then_the_old_one_goes() {
         ]
     );
     fake.apply_checked(&ops);
-    assert_eq!(fake.backends.len(), 1);
-    assert_eq!(fake.members.len(), 1);
+    assert_eq!(fake.0.backends.len(), 1);
+    assert_eq!(fake.0.members.len(), 1);
     assert_eq!(p.ids().iter().copied().collect::<Vec<_>>(), vec![new_id]);
 }
 
@@ -443,7 +392,7 @@ fn a_deleted_service_goes_before_its_backends_and_other_families_stay() {
     assert!(matches!(ops[1], Op::DeleteBackend { .. }));
     assert_eq!(ops.len(), 2);
     fake.apply_checked(&ops);
-    assert_eq!(fake.services.len(), 1, "the IPv6 Service stays");
+    assert_eq!(fake.0.services.len(), 1, "the IPv6 Service stays");
     assert_eq!(fake.read().services, p.services);
 }
 
@@ -553,7 +502,7 @@ fn refusing_and_balancing_switch_both_ways() {
             vec![port("a", "172.30.0.10", 80, Protocol::Tcp, &[])],
         ),
     ));
-    assert_eq!(fake.backends.len(), 0);
+    assert_eq!(fake.0.backends.len(), 0);
     fake.apply_checked(&full(
         &mut p,
         &family(
@@ -567,7 +516,7 @@ fn refusing_and_balancing_switch_both_ways() {
             )],
         ),
     ));
-    assert_eq!(fake.backends.len(), 1);
+    assert_eq!(fake.0.backends.len(), 1);
     let ops = full(
         &mut p,
         &family(
@@ -576,9 +525,9 @@ fn refusing_and_balancing_switch_both_ways() {
         ),
     );
     fake.apply_checked(&ops);
-    assert_eq!(fake.backends.len(), 0);
+    assert_eq!(fake.0.backends.len(), 0);
     assert_eq!(
-        decode_svc_val(fake.services.values().next().expect("one")).flags,
+        decode_svc_val(fake.0.services.values().next().expect("one")).flags,
         SVC_F_REFUSE
     );
 }
@@ -638,8 +587,8 @@ fn maps_read_back_after_a_crash_name_their_orphans() {
         ),
     );
     fake.apply_checked(&ops);
-    assert_eq!(fake.backends.len(), 1);
-    assert_eq!(fake.members.len(), 1);
+    assert_eq!(fake.0.backends.len(), 1);
+    assert_eq!(fake.0.members.len(), 1);
     assert_eq!(fake.read().services, read.services);
 }
 
