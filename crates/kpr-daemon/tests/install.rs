@@ -6,9 +6,10 @@
 //!   declarations agree with their hand-written usage texts; bash really completes flags,
 //!   subcommands and values; groff renders every page without a warning.
 //! - kustomize: `deploy/kubernetes` (the base, the same objects as `kube-proxy-rs.yaml`) and
-//!   the overlays `deploy/overlays/{nftables,iptables}` render with `kubectl kustomize`, each
-//!   ConfigMap's configuration passes our decoder in its mode and differs from the base in the
-//!   mode only, and `kubectl apply --dry-run=client -k` accepts every one against a discovery
+//!   the overlays `deploy/overlays/{nftables,iptables,socket-lb}` render with `kubectl
+//!   kustomize`, each ConfigMap's configuration passes our decoder in its mode and differs from
+//!   the base in the mode only (socket-lb's DaemonSet: privileged, `--socket-lb`, the host's
+//!   cgroup v2 hierarchy and bpffs mounted), and `kubectl apply --dry-run=client -k` accepts every one against a discovery
 //!   stub on 127.0.0.1 (kubectl needs an API server's discovery even for a client dry run).
 //! - the Debian package: `scripts/build-deb.sh` packages this test's binary; `dpkg --root`
 //!   installs it into a throwaway root (never the machine's), the files, modes, conffile and
@@ -562,6 +563,7 @@ fn kustomize_base_and_overlays_render_and_pass_a_client_dry_run() {
         ("deploy/kubernetes", "nftables"),
         ("deploy/overlays/nftables", "nftables"),
         ("deploy/overlays/iptables", "iptables"),
+        ("deploy/overlays/socket-lb", "nftables"),
     ] {
         let out = run(kubectl_cmd().args(["kustomize", dir]));
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -579,8 +581,30 @@ fn kustomize_base_and_overlays_render_and_pass_a_client_dry_run() {
             plain.keys().collect::<Vec<_>>(),
             "{dir}: the objects of kube-proxy-rs.yaml"
         );
+        let socket_lb = dir.ends_with("socket-lb");
         for (key, object) in &rendered {
-            if key != "ConfigMap/kube-proxy-rs" {
+            if key == "DaemonSet/kube-proxy-rs" && socket_lb {
+                // The base's DaemonSet, privileged, with --socket-lb and the host's cgroup v2
+                // hierarchy and bpffs mounted.
+                let c = &object["spec"]["template"]["spec"]["containers"][0];
+                let command: Vec<&str> = c["command"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap())
+                    .collect();
+                assert!(command.contains(&"--socket-lb"), "{command:?}");
+                let flags = Flags::try_parse_args(&command).unwrap();
+                assert_eq!(flags.socket_lb, Some(true));
+                let cgroup = flags.socket_lb_cgroup.unwrap();
+                let mounts = c["volumeMounts"].to_string();
+                assert!(mounts.contains(&*cgroup.to_string_lossy()), "{mounts}");
+                assert!(mounts.contains("/sys/fs/bpf"), "{mounts}");
+                assert_eq!(c["securityContext"]["privileged"], true);
+                let base = &plain[key]["spec"]["template"]["spec"]["containers"][0];
+                assert_eq!(c["image"], base["image"]);
+                assert_eq!(c["env"], base["env"]);
+            } else if key != "ConfigMap/kube-proxy-rs" {
                 assert_eq!(object, &plain[key], "{dir}: {key} as in kube-proxy-rs.yaml");
             }
         }
