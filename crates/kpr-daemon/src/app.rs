@@ -162,6 +162,8 @@ fn run(resolved: &Resolved) -> anyhow::Result<()> {
         return cleanup(&crate::socket_lb::pin_dir(&proxy.socket_lb));
     }
     let cfg = sync_config(proxy)?;
+    crate::socket_lb::check_built(&proxy.socket_lb, kpr_socklb::built_with_bpf())
+        .map_err(anyhow::Error::msg)?;
     raise_fd_limit();
     let source = match proxy.manifests.as_deref() {
         Some(dir) => {

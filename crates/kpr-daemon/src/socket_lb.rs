@@ -20,6 +20,16 @@ pub fn pin_dir(settings: &Settings) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(kpr_socklb::DEFAULT_PIN_DIR))
 }
 
+/// `--socket-lb` asked of a binary built without the BPF programs (no clang at build time):
+/// an error to exit with, as for any flag the binary cannot honour. (A kernel that cannot
+/// run them is different: one warning, and plain nftables.)
+pub fn check_built(settings: &Settings, built_with_bpf: bool) -> Result<(), String> {
+    if settings.enabled && !built_with_bpf {
+        return Err(format!("--socket-lb: {}", kpr_socklb::Error::NotBuilt));
+    }
+    Ok(())
+}
+
 /// Starts socket-lb when the flag asks for it and the mode allows it (with the cgroup it
 /// balances); otherwise removes what an earlier run left pinned (the flag turned off). `None`
 /// means plain nftables, with one warning saying why when it was asked for.
@@ -117,5 +127,23 @@ impl Balancer {
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_lb_asked_of_a_binary_without_bpf_is_an_error_naming_what_to_install() {
+        let on = Settings {
+            enabled: true,
+            ..Settings::default()
+        };
+        let err = check_built(&on, false).unwrap_err();
+        assert!(err.contains("built without BPF support"), "{err}");
+        assert!(err.contains("clang libbpf-dev"), "{err}");
+        assert!(check_built(&on, true).is_ok());
+        assert!(check_built(&Settings::default(), false).is_ok());
     }
 }
