@@ -374,7 +374,9 @@ fn a_failed_attach_logs_one_warning_and_runs_plain_nftables() {
     let missing = n.cg().join("not-there");
     let pid = n.start_with(true, &missing);
     assert_eq!(
-        n.log().matches("Socket-level load balancing is off").count(),
+        n.log()
+            .matches("Socket-level load balancing is off")
+            .count(),
         1,
         "{}",
         n.log()
@@ -388,7 +390,12 @@ fn a_failed_attach_logs_one_warning_and_runs_plain_nftables() {
         pod_of(&n.lab.tcp_in_cgroup(&n.node, n.cg(), "172.30.0.10", 80)),
         "pod-b"
     );
-    assert_eq!(n.log().matches("Socket-level load balancing is off").count(), 1);
+    assert_eq!(
+        n.log()
+            .matches("Socket-level load balancing is off")
+            .count(),
+        1
+    );
     assert!(!n.pins.dir.exists(), "nothing pinned");
     n.stop(pid);
 }

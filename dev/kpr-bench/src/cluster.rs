@@ -71,9 +71,17 @@ pub(crate) fn slice(i: u32, e: u32, generation: u32, trigger: Option<&str>) -> V
     slice_of(i, endpoints, trigger)
 }
 
-/// Service `i`'s slice with one endpoint: the data-plane pod.
-pub(crate) fn target_slice(i: u32) -> Value {
-    slice_of(i, vec![endpoint(POD_IP, NODE)], None)
+/// The `k`th address of the data-plane pod: 10.0.0.11 + `k` (`POD_IP` first).
+pub(crate) fn pod_ip(k: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0A00_000Bu32 + k)
+}
+
+/// Service `i`'s slice with `live` endpoints, all of them addresses of the data-plane pod.
+pub(crate) fn live_slice(i: u32, live: u32) -> Value {
+    let endpoints = (0..live)
+        .map(|k| endpoint(&pod_ip(k).to_string(), NODE))
+        .collect();
+    slice_of(i, endpoints, None)
 }
 
 fn endpoint(ip: &str, node: &str) -> Value {

@@ -69,13 +69,19 @@ impl World {
     /// `n` Services x `e` endpoints; Service `target` (if any) has the data-plane pod as its
     /// only endpoint.
     pub(crate) fn new(n: u32, e: u32, target: Option<u32>) -> World {
+        World::with_live(n, e, target, 1)
+    }
+
+    /// [`World::new`] where Service `target` has `live` endpoints, all addresses of the
+    /// data-plane pod ([`cluster::pod_ip`]).
+    pub(crate) fn with_live(n: u32, e: u32, target: Option<u32>, live: u32) -> World {
         let svcs = (0..n)
             .map(|i| cluster::typed_service(cluster::service(i)))
             .collect();
         let slices = (0..n)
             .map(|i| {
                 let s = if Some(i) == target {
-                    cluster::target_slice(i)
+                    cluster::live_slice(i, live)
                 } else {
                     cluster::slice(i, e, 0, None)
                 };
@@ -101,7 +107,7 @@ impl World {
         }
     }
 
-    fn fam(&self) -> &kpr_model::FamilyDesired {
+    pub(crate) fn fam(&self) -> &kpr_model::FamilyDesired {
         &self.desired.families[&IpFamily::V4]
     }
 
@@ -441,7 +447,11 @@ fn restore_tool() -> &'static str {
 /// into namespace `ns` the way the library's cold sync does; returns a description of where
 /// the target's rule is (iptables: its position in nat `KUBE-SERVICES`).
 pub(crate) fn install(mode: Mode, ns: &Netns, n: u32, e: u32, target: u32) -> String {
-    let world = World::new(n, e, Some(target));
+    install_world(mode, ns, &World::new(n, e, Some(target)), target)
+}
+
+/// [`install`] of a world built by the caller (who keeps its desired state).
+pub(crate) fn install_world(mode: Mode, ns: &Netns, world: &World, target: u32) -> String {
     match mode {
         Mode::Nftables => {
             let cfg = nft_config();

@@ -7,10 +7,11 @@
 //! exist, the Service answers). `--quick` runs tiny sizes so CI keeps the harness alive.
 //! The soak (issue 15, `--phases soak`, [`soak`]) runs on its own and writes its own section.
 //! Issue 16 added the daemon's cold start at 5,000 x 50 and 100,000 x 10, the memory of a full
-//! resync ([`resync`]) and the latency with periodic syncs running ([`periodic`]).
+//! resync ([`resync`]) and the latency with periodic syncs running ([`periodic`]). Issue 18
+//! added socket-level load balancing against nftables DNAT ([`socklb`], `--phases socklb`).
 //!
 //! Usage: `sudo kpr-bench [--quick] [--modes nftables,iptables] [--sizes 1000x10,...]
-//! [--phases library,daemon,dataplane,soak] [--daemon PATH] [--docs PATH | --no-docs]
+//! [--phases library,daemon,dataplane,socklb,soak] [--daemon PATH] [--docs PATH | --no-docs]
 //! [--budget SECS] [--periodic-sizes NxE,...|none] [--soak-size NxE] [--soak-changes N]
 //! [--soak-churn N]`;
 //! `scripts/bench.sh [--quick]` builds and runs it.
@@ -24,6 +25,7 @@ mod report;
 mod resync;
 mod running;
 mod soak;
+mod socklb;
 mod stats;
 mod traffic;
 
@@ -82,6 +84,9 @@ struct Options {
     library: bool,
     daemon: bool,
     dataplane: bool,
+    /// Socket-lb vs nftables (issue 18; nftables mode).
+    socklb: bool,
+    socklb_plan: socklb::Plan,
     /// The soak: off unless asked for (`--phases soak`), a tiny one with `--quick`.
     soak: bool,
     soak_plan: soak::Plan,
@@ -108,7 +113,7 @@ const LIB_CAP_100K: &str = "capped: nftables 100,000 x 10 is measured through th
 /// The largest daemon size with the debug-reader phase (issue 14).
 const DEBUG_MAX_SERVICES: u32 = 30_000;
 
-const USAGE: &str = "usage: kpr-bench [--quick] [--modes nftables,iptables] [--sizes NxE,...] [--phases library,daemon,dataplane,soak] [--daemon PATH] [--docs PATH | --no-docs] [--budget SECS] [--periodic-sizes NxE,...|none] [--soak-size NxE] [--soak-changes N] [--soak-churn N]";
+const USAGE: &str = "usage: kpr-bench [--quick] [--modes nftables,iptables] [--sizes NxE,...] [--phases library,daemon,dataplane,socklb,soak] [--daemon PATH] [--docs PATH | --no-docs] [--budget SECS] [--periodic-sizes NxE,...|none] [--soak-size NxE] [--soak-changes N] [--soak-churn N]";
 
 /// `1000x10,5000x50`.
 fn parse_sizes(v: &str) -> Result<Vec<(u32, u32)>, String> {
@@ -176,6 +181,12 @@ fn parse() -> Result<Options, String> {
         library: true,
         daemon: true,
         dataplane: true,
+        socklb: true,
+        socklb_plan: if quick {
+            socklb::Plan::quick()
+        } else {
+            socklb::Plan::full()
+        },
         soak: quick,
         soak_plan: if quick {
             soak::Plan::quick()
@@ -228,6 +239,7 @@ fn parse() -> Result<Options, String> {
                 o.library = p.contains("library");
                 o.daemon = p.contains("daemon");
                 o.dataplane = p.contains("dataplane");
+                o.socklb = p.contains("socklb");
                 o.soak = p.contains("soak");
                 o.default_run = false;
             }
@@ -262,7 +274,7 @@ fn parse() -> Result<Options, String> {
     }
     // A soak-only run of issue 15's sizes writes the soak's section.
     let soak_run = o.soak
-        && !(o.library || o.daemon || o.dataplane)
+        && !(o.library || o.daemon || o.dataplane || o.socklb)
         && !quick
         && o.soak_plan == soak::Plan::full();
     o.docs = match docs_flag {
@@ -277,6 +289,11 @@ fn parse() -> Result<Options, String> {
 }
 
 fn main() {
+    // The load client of the socket-lb phase, run again by this binary in a namespace.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(socklb::CLIENT_FLAG) {
+        socklb::client_main(&args[1..]);
+    }
     let opts = match parse() {
         Ok(o) => o,
         Err(e) => {
@@ -313,7 +330,7 @@ fn main() {
     }
     // A run with any of the first three phases writes the main section; a soak-only run
     // the soak's.
-    let (begin, end) = if res.rows.is_empty() && res.dp.is_empty() {
+    let (begin, end) = if res.rows.is_empty() && res.dp.is_empty() && res.socklb.is_empty() {
         (soak::BEGIN, soak::END)
     } else {
         (report::BEGIN, report::END)
@@ -472,6 +489,35 @@ fn run(o: &Options, started: Instant) -> Results {
                 res.dp.push(DpRow { mode, n, e, rate });
             }
             settle();
+        }
+    }
+    if o.socklb {
+        if o.modes.contains(&Mode::Nftables) {
+            eprintln!(
+                "== socket-lb vs nftables: {:?} (Services x endpoints)",
+                o.socklb_plan.sizes
+            );
+            let t = Instant::now();
+            match attempt("socket-lb vs nftables", &mut res, || {
+                socklb::measure(&o.socklb_plan)
+            }) {
+                Some(Ok(rows)) => {
+                    eprintln!("   ({:?})", t.elapsed());
+                    res.socklb = rows;
+                    res.socklb_plan = Some(o.socklb_plan.clone());
+                }
+                Some(Err(skip)) => {
+                    eprintln!("kpr-bench: {skip}");
+                    res.notes.push(skip);
+                }
+                None => {}
+            }
+            settle();
+        } else {
+            res.notes.push(
+                "skipped: socket-lb vs nftables (issue 18): it runs with nftables mode in --modes"
+                    .into(),
+            );
         }
     }
     if o.soak && daemon_ok {

@@ -123,9 +123,11 @@ fn remove(name: &str) {
         .status();
 }
 
-/// Deletes every namespace of this run that is left (the last line of defence).
+/// Deletes every namespace of this run that is left (the last line of defence), then what the
+/// socket-lb phase left attached and mounted.
 pub(crate) fn sweep() {
     kpr_netlab::remove_namespaces(&prefix());
+    crate::socklb::sweep();
 }
 
 /// On SIGINT or SIGTERM: sweep this run's namespaces and exit (drops do not run then).

@@ -1,7 +1,7 @@
 //! What a run prints and writes: the environment (date, kernel, CPUs, tool versions, the
 //! commands to reproduce), the control-plane table (library and daemon columns per mode and
 //! size), the periodic-sync and full-resync tables (issue 16), the data-plane table, the
-//! issues' targets with MET/MISSED (issue 7, issue 16), the soak's tables (issue 15), and the
+//! issues' targets with MET/MISSED (issue 7, issue 16), socket-lb vs nftables (issue 18), the soak's tables (issue 15), and the
 //! notes (every cap and skip); and the generated parts of docs/benchmarks.md, between their
 //! marker comments.
 
@@ -44,6 +44,9 @@ pub(crate) struct Results {
     pub(crate) command: String,
     pub(crate) rows: Vec<Row>,
     pub(crate) dp: Vec<DpRow>,
+    /// Socket-lb vs nftables (issue 18), and the plan it ran.
+    pub(crate) socklb: Vec<crate::socklb::Row>,
+    pub(crate) socklb_plan: Option<crate::socklb::Plan>,
     pub(crate) soak: Vec<crate::soak::Soak>,
     pub(crate) notes: Vec<String>,
     pub(crate) elapsed: Duration,
@@ -531,7 +534,11 @@ pub(crate) fn render(res: &Results) -> String {
         env[0].1,
         if res.quick {
             "`--quick`"
-        } else if res.rows.is_empty() && res.dp.is_empty() && !res.soak.is_empty() {
+        } else if res.rows.is_empty()
+            && res.dp.is_empty()
+            && res.socklb.is_empty()
+            && !res.soak.is_empty()
+        {
             "the soak"
         } else {
             "default sizes"
@@ -550,8 +557,15 @@ pub(crate) fn render(res: &Results) -> String {
     if !(res.rows.is_empty() && res.dp.is_empty()) {
         main_sections(&mut s, res);
     }
-    if !res.soak.is_empty() {
+    if let (false, Some(plan)) = (res.socklb.is_empty(), &res.socklb_plan) {
         if !(res.rows.is_empty() && res.dp.is_empty()) {
+            s.push('\n');
+        }
+        s.push_str("### Socket-level load balancing vs nftables (issue 18)\n\n");
+        s.push_str(&crate::socklb::render(&res.socklb, plan));
+    }
+    if !res.soak.is_empty() {
+        if !(res.rows.is_empty() && res.dp.is_empty() && res.socklb.is_empty()) {
             s.push('\n');
         }
         s.push_str("### Soak (issue 15)\n\n");

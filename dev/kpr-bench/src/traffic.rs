@@ -186,7 +186,7 @@ pub(crate) fn measure(
 }
 
 /// A listener with a long accept queue.
-fn listen(port: u16) -> TcpListener {
+pub(crate) fn listen(port: u16) -> TcpListener {
     use rustix::net::{AddressFamily, SocketType, sockopt};
     let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
     sockopt::set_socket_reuseaddr(&fd, true).expect("SO_REUSEADDR");
