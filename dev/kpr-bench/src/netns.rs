@@ -123,11 +123,31 @@ fn remove(name: &str) {
         .status();
 }
 
+/// What else a phase leaves that must go after its namespaces (the socket-lb phase's pins,
+/// mounts and cgroup): registered by the phase, run by [`sweep`].
+static AFTER: std::sync::Mutex<Vec<fn()>> = std::sync::Mutex::new(Vec::new());
+
+/// Has [`sweep`] also run `f`, after the namespaces are gone (once, however often asked).
+pub(crate) fn also_sweep(f: fn()) {
+    let mut after = AFTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !after.contains(&f) {
+        after.push(f);
+    }
+}
+
 /// Deletes every namespace of this run that is left (the last line of defence), then what the
-/// socket-lb phase left attached and mounted.
+/// phases registered with [`also_sweep`].
 pub(crate) fn sweep() {
     kpr_netlab::remove_namespaces(&prefix());
-    crate::socklb::sweep();
+    let after = AFTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for f in after {
+        f();
+    }
 }
 
 /// On SIGINT or SIGTERM: sweep this run's namespaces and exit (drops do not run then).

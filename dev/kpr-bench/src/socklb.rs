@@ -379,6 +379,8 @@ enum Alive {
 }
 
 fn registry() -> std::sync::MutexGuard<'static, Vec<Alive>> {
+    // Whatever a world records here, the run's last sweep (and a signal's) removes.
+    netns::also_sweep(sweep);
     ALIVE
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
