@@ -506,20 +506,11 @@ mod properties {
     }
 
     fn eps(id: u8, e: &[(u8, u8)]) -> SliceBuilder {
-        let mut s = slice("ns", &format!("s{id}"), "a")
+        slice("ns", &format!("s{id}"), "a")
             .port("p", 8080, "TCP")
             .port("q", 8081, "TCP")
-            .port("u", 5353, "UDP");
-        for (i, st) in e {
-            let addr = format!("10.0.{}.{}", i % 2, i + 10);
-            let node = if i % 2 == 0 { NODE } else { OTHER_NODE };
-            s = match st % 3 {
-                0 => s.ready(&addr, node),
-                1 => s.terminating(&addr, node),
-                _ => s.endpoint(&addr, node, Some(false), Some(false), Some(false)),
-            };
-        }
-        s
+            .port("u", 5353, "UDP")
+            .mixed(e)
     }
 
     /// Where the packets to a Service address and port go, by the rules of `view`.

@@ -46,20 +46,11 @@ fn svc(id: u8, v: u8) -> ServiceBuilder {
 
 /// Its slice: endpoints on this node or the other, ready, terminating or neither.
 fn eps(id: u8, e: &[(u8, u8)]) -> SliceBuilder {
-    let mut s = slice("ns", &format!("s{id}"), "a")
+    slice("ns", &format!("s{id}"), "a")
         .port("p", 8080, "TCP")
         .port("u", 5353, "UDP")
-        .port("s", 9999, "SCTP");
-    for (i, st) in e {
-        let addr = format!("10.0.{}.{}", i % 2, i + 10);
-        let node = if i % 2 == 0 { NODE } else { OTHER_NODE };
-        s = match st % 3 {
-            0 => s.ready(&addr, node),
-            1 => s.terminating(&addr, node),
-            _ => s.endpoint(&addr, node, Some(false), Some(false), Some(false)),
-        };
-    }
-    s
+        .port("s", 9999, "SCTP")
+        .mixed(e)
 }
 
 /// The maps after `ops`, checking after each one that no Service is half-written.

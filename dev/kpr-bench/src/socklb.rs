@@ -23,10 +23,10 @@ use crate::{Mode, traffic};
 use kpr_netlab::TestCgroup;
 use kpr_socklb::SocketLb;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The hidden subcommand of the load client: `kpr-bench --connect-client ADDR:PORT MILLIS
@@ -170,8 +170,7 @@ pub(crate) fn measure(plan: &Plan) -> Result<Vec<Row>, String> {
             }
         }
         let (socklb, nft) = (median(lb), median(nft));
-        let accepted = world.accepted.load(Ordering::Relaxed);
-        assert!(accepted > 0, "the pod accepted connections");
+        assert!(world.server.accepted() > 0, "the pod accepted connections");
         rows.push(Row {
             n,
             e,
@@ -504,12 +503,10 @@ impl Drop for Pins {
 #[derive(Debug)]
 struct World {
     vip: SocketAddr,
-    stopper: TcpListener,
-    server: Option<std::thread::JoinHandle<()>>,
-    accepted: Arc<AtomicU64>,
     sync: (Duration, usize, usize),
-    // Dropped in this order (after `drop` has stopped the server): socket-lb's handle, its
-    // pins (programs detached, maps deleted), the cgroup, the namespaces.
+    // Dropped in this order: the server (stopped), socket-lb's handle, its pins (programs
+    // detached, maps deleted), the cgroup, the namespaces.
+    server: traffic::AcceptServer,
     _lb: SocketLb,
     _pins: Pins,
     cgroup: Cgroup,
@@ -560,24 +557,11 @@ impl World {
         let sync = (t.elapsed(), stats.services_written, stats.backends_written);
         drop(world);
 
-        let listener = pod.run_in(|| traffic::listen(cluster::POD_PORT));
-        let stopper = listener.try_clone().expect("clone the listener");
-        let accepted = Arc::new(AtomicU64::new(0));
-        let server = {
-            let accepted = accepted.clone();
-            std::thread::spawn(move || {
-                while let Ok((s, _)) = listener.accept() {
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                    drop(s);
-                }
-            })
-        };
+        let server = traffic::AcceptServer::start(&pod, cluster::POD_PORT);
         let w = World {
             vip: SocketAddr::from((cluster::cluster_ip(target), cluster::SERVICE_PORT)),
-            stopper,
-            server: Some(server),
-            accepted,
             sync,
+            server,
             _lb: lb,
             _pins: pins,
             cgroup,
@@ -660,15 +644,6 @@ impl World {
             String::from_utf8_lossy(&out.stderr).trim()
         );
         Load::parse(&stdout).unwrap_or_else(|| panic!("the load client printed {stdout:?}"))
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let _ = rustix::net::shutdown(&self.stopper, rustix::net::Shutdown::Read);
-        if let Some(s) = self.server.take() {
-            let _ = s.join();
-        }
     }
 }
 

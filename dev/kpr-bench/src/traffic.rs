@@ -31,9 +31,7 @@ pub(crate) struct Rate {
 #[derive(Debug)]
 struct World {
     // Declared before the namespaces: dropped (the server stopped) first.
-    server: Option<std::thread::JoinHandle<()>>,
-    stopper: TcpListener,
-    accepted: Arc<AtomicU64>,
+    server: AcceptServer,
     vip: SocketAddr,
     placement: String,
     rates: Vec<f64>,
@@ -69,19 +67,7 @@ impl World {
         let target = n - 1;
         let placement = library::install(mode, &node, n, e, target);
 
-        // The server: accept and close, until its listener is shut down.
-        let listener = pod.run_in(|| listen(cluster::POD_PORT));
-        let stopper = listener.try_clone().expect("clone the listener");
-        let accepted = Arc::new(AtomicU64::new(0));
-        let server = {
-            let accepted = accepted.clone();
-            std::thread::spawn(move || {
-                while let Ok((s, _)) = listener.accept() {
-                    accepted.fetch_add(1, Ordering::Relaxed);
-                    drop(s);
-                }
-            })
-        };
+        let server = AcceptServer::start(&pod, cluster::POD_PORT);
         let vip = SocketAddr::from((cluster::cluster_ip(target), cluster::SERVICE_PORT));
         // Correctness: the Service answers through the rules.
         let reached = client.run_in(|| {
@@ -95,9 +81,7 @@ impl World {
         });
         assert!(reached, "no connection to {vip} through the {mode:?} rules");
         World {
-            server: Some(server),
-            stopper,
-            accepted,
+            server,
             vip,
             placement,
             rates: Vec::new(),
@@ -141,14 +125,7 @@ impl World {
     }
 
     fn finish(mut self) -> Rate {
-        let _ = rustix::net::shutdown(&self.stopper, rustix::net::Shutdown::Read);
-        if let Some(s) = self.server.take() {
-            let _ = s.join();
-        }
-        assert!(
-            self.accepted.load(Ordering::Relaxed) > 0,
-            "the pod accepted connections"
-        );
+        assert!(self.server.stop() > 0, "the pod accepted connections");
         let mut r = std::mem::take(&mut self.rates);
         r.sort_by(f64::total_cmp);
         Rate {
@@ -185,8 +162,60 @@ pub(crate) fn measure(
     worlds.into_iter().map(|(n, w)| (n, w.finish())).collect()
 }
 
+/// A server in a pod namespace that accepts connections and closes them, counting, until it
+/// is stopped (or dropped).
+#[derive(Debug)]
+pub(crate) struct AcceptServer {
+    stopper: TcpListener,
+    thread: Option<std::thread::JoinHandle<()>>,
+    accepted: Arc<AtomicU64>,
+}
+
+impl AcceptServer {
+    pub(crate) fn start(pod: &Netns, port: u16) -> AcceptServer {
+        let listener = pod.run_in(|| listen(port));
+        let stopper = listener.try_clone().expect("clone the listener");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let accepted = accepted.clone();
+            std::thread::spawn(move || {
+                while let Ok((s, _)) = listener.accept() {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    drop(s);
+                }
+            })
+        };
+        AcceptServer {
+            stopper,
+            thread: Some(thread),
+            accepted,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub(crate) fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting (shuts the listener down and joins the thread); returns how many
+    /// connections it accepted.
+    pub(crate) fn stop(&mut self) -> u64 {
+        let _ = rustix::net::shutdown(&self.stopper, rustix::net::Shutdown::Read);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.accepted()
+    }
+}
+
+impl Drop for AcceptServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A listener with a long accept queue.
-pub(crate) fn listen(port: u16) -> TcpListener {
+fn listen(port: u16) -> TcpListener {
     use rustix::net::{AddressFamily, SocketType, sockopt};
     let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
     sockopt::set_socket_reuseaddr(&fd, true).expect("SO_REUSEADDR");

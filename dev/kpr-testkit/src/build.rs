@@ -234,6 +234,25 @@ impl SliceBuilder {
         self.endpoint(ip, node, Some(false), Some(true), Some(true))
     }
 
+    /// Endpoints of a generated cluster (property tests): for each `(i, state)`, address
+    /// `10.0.{i % 2}.{i + 10}` on [`crate::NODE`] (even `i`) or [`crate::OTHER_NODE`], ready
+    /// (`state % 3 == 0`), serving and terminating (1), or neither (2).
+    pub fn mixed(self, endpoints: &[(u8, u8)]) -> Self {
+        endpoints.iter().fold(self, |s, (i, state)| {
+            let addr = format!("10.0.{}.{}", i % 2, i + 10);
+            let node = if i % 2 == 0 {
+                crate::NODE
+            } else {
+                crate::OTHER_NODE
+            };
+            match state % 3 {
+                0 => s.ready(&addr, node),
+                1 => s.terminating(&addr, node),
+                _ => s.endpoint(&addr, node, Some(false), Some(false), Some(false)),
+            }
+        })
+    }
+
     /// An endpoint with explicit conditions (`None` = nil in the API).
     pub fn endpoint(
         mut self,

@@ -120,21 +120,17 @@ pub fn explain_live(
 /// the same choice as the rules, made at `connect()`/`sendmsg()`, for sockets of processes
 /// in `cgroup`. `None` when the hooks leave the frontend to the rules.
 fn socket_lb_line(snap: &Snapshot, e: &Explanation, cgroup: &str) -> Option<String> {
-    if e.frontend.as_ref()?.kind != "ClusterIP" {
+    let f = e.frontend.as_ref()?;
+    if f.kind != "ClusterIP" {
         return None;
     }
-    let p = &e.packet;
-    let sp = snap
-        .desired
-        .families
-        .get(&e.family)?
-        .ports
-        .values()
-        .find(|sp| {
-            sp.cluster_ip == p.dst
-                && sp.port == p.port
-                && sp.protocol.lower() == p.protocol.to_lowercase()
-        })?;
+    // The port the explanation hit (its protocol is the packet's, in Kubernetes' spelling).
+    let name = kpr_model::ServicePortName::new(
+        kpr_model::ServiceName::new(f.namespace.as_str(), f.service.as_str()),
+        f.port_name.as_str(),
+        kpr_model::Protocol::from_k8s(Some(&e.packet.protocol))?,
+    );
+    let sp = snap.desired.families.get(&e.family)?.ports.get(&name)?;
     let (_, entry) = kpr_socklb::plan::entry(sp)?;
     Some(if entry.refuses() {
         format!(
